@@ -7,10 +7,12 @@ symlink when creating, and makes renames durable by fsyncing the directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,7 +21,10 @@ __all__ = [
     "atomic_write",
     "create_exclusive",
     "fsync_dir",
+    "fsync_tree",
+    "list_files",
     "make_private_dir",
+    "read_capped",
     "remove_tree",
     "replace_symlink",
     "sha256_file",
@@ -34,6 +39,43 @@ def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename or create inside it survives power loss."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, file_mode: int | None = None, dir_mode: int | None = None) -> None:
+    """fsync every file and directory under ``root`` (``root`` included), children first.
+
+    With ``file_mode``/``dir_mode`` each entry is also chmod-ed through its own
+    descriptor. Symlinks are never followed: opening one fails with ELOOP.
+
+    Raises:
+        OSError: an entry cannot be opened (a symlink, a device) or synced.
+    """
+    for top, dirs, files in os.walk(root, topdown=False, onerror=_reraise, followlinks=False):
+        # os.walk lists a symlink to a directory under ``dirs``; opening it
+        # with O_NOFOLLOW below raises, which is what we want.
+        for name in files + dirs:
+            _sync_one(Path(top) / name, name in dirs, file_mode, dir_mode)
+    _sync_one(root, True, file_mode, dir_mode)
+
+
+def _reraise(error: OSError) -> None:
+    # os.walk skips unreadable directories by default; an unsynced one must fail.
+    raise error
+
+
+def _sync_one(path: Path, is_dir: bool, file_mode: int | None, dir_mode: int | None) -> None:
+    # O_NONBLOCK so a planted FIFO fails the regular-file check instead of hanging.
+    flags = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC | (os.O_DIRECTORY if is_dir else 0)
+    fd = os.open(path, flags)
+    try:
+        if not is_dir and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        mode = dir_mode if is_dir else file_mode
+        if mode is not None:
+            os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -85,12 +127,18 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def replace_symlink(link: Path, target: str) -> None:
-    """Point ``link`` at ``target`` (relative) atomically via symlink + rename."""
+def replace_symlink(link: Path, target: str, linked: Callable[[], None] | None = None) -> None:
+    """Point ``link`` at ``target`` (relative) atomically via symlink + rename.
+
+    ``linked()``, if given, runs once the temp link exists, before the rename
+    (a hook for crash tests).
+    """
     tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
+    if linked is not None:
+        linked()
     os.replace(tmp, link)
     fsync_dir(link.parent)
 
@@ -105,6 +153,45 @@ def sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def read_capped(path: Path, max_bytes: int) -> bytes:
+    """Read a file (not through a final symlink) of at most ``max_bytes``.
+
+    Raises:
+        OSError: unreadable or a symlink; EFBIG when larger than ``max_bytes``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+    return data
+
+
+def list_files(root: Path) -> dict[str, int]:
+    """Map each regular file under ``root`` ('/'-separated relative path) to its size.
+
+    Raises:
+        OSError: a directory is unreadable, or an entry is a symlink or special
+            file (ELOOP / EINVAL naming it): a tree that must hold only files
+            and dirs is refused rather than walked through a link.
+    """
+    found: dict[str, int] = {}
+    pending = [root]
+    while pending:
+        top = pending.pop()
+        with os.scandir(top) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(Path(entry.path))
+                elif stat.S_ISREG(st.st_mode):
+                    found[Path(entry.path).relative_to(root).as_posix()] = st.st_size
+                else:
+                    code = errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EINVAL
+                    raise OSError(code, "a symlink or special file", entry.path)
+    return found
 
 
 def remove_tree(path: Path) -> None:

@@ -1,0 +1,592 @@
+"""The on-disk model cache: immutable version dirs and atomic active/previous links.
+
+Layout under the state dir (directories 0700, files 0600)::
+
+    models/<name>/<version>/      manifest.json, manifest.sig, payload; immutable
+    models/<name>/active -> <v>   relative symlink, replaced by symlink + rename
+    models/<name>/previous -> <v>
+    staging/<unique>/             verified bundles waiting to be installed
+    state.json, state.lock        see :mod:`edge_runtime.state_store`
+
+Crash safety: every change is one rename (version dir into place, a link swap,
+a version dir into the trash) then an fsync of its directory, ordered so that
+any prefix of an operation leaves a complete, hash-valid version active;
+:meth:`ModelCache.recover` removes leftovers and repairs links at start-up.
+Links are read with ``os.readlink`` and must name a bare decimal version; they
+are never followed, so a planted link cannot lead out of the state dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError, RollbackError
+from .fsutil import (
+    fsync_dir,
+    fsync_tree,
+    list_files,
+    make_private_dir,
+    read_capped,
+    remove_tree,
+    replace_symlink,
+    sha256_file,
+)
+from .manifest import Manifest, StagedBundle, parse_manifest
+from .state_store import State, StateStore
+
+__all__ = [
+    "ACTIVATE_STEPS",
+    "GC_STEPS",
+    "INSTALL_STEPS",
+    "ROLLBACK_STEPS",
+    "Check",
+    "Fault",
+    "ModelCache",
+    "ModelInfo",
+]
+
+Check = Callable[[Path, Manifest], None]
+"""``check(directory, manifest)``: load and gate a candidate; raise to refuse it."""
+Fault = Callable[[str], None]
+"""``fault(step)``: test hook called at each named step of the *_STEPS tuples."""
+
+_LINK_STEPS = ("previous-linked", "previous-set", "active-linked", "active-set")
+GC_STEPS = ("gc:trashed", "gc:removed")
+INSTALL_STEPS = (
+    *("install:checked", "install:synced", "install:renamed", "install:dir-synced"),
+    "install:floor-raised",
+    *(f"install:{s}" for s in _LINK_STEPS),
+    *GC_STEPS,
+)
+ACTIVATE_STEPS = tuple(f"activate:{s}" for s in _LINK_STEPS)
+ROLLBACK_STEPS = tuple(f"rollback:{s}" for s in _LINK_STEPS)
+
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,15}$")
+# Same rule as manifest.name: every model name is a safe single path component.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_META = ("manifest.json", "manifest.sig")
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model name as ``models list`` shows it; ``problems`` names broken links."""
+
+    name: str
+    versions: tuple[int, ...]
+    active: int | None
+    previous: int | None
+    floor: int
+    pinned: int | None
+    problems: tuple[str, ...] = ()
+
+
+def _no_fault(step: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise CacheError(f"{what}: {e.strerror or e}") from e
+
+
+def _read_link(link: Path) -> int | None:
+    """The version ``link`` names, None if there is no link; CacheError if corrupt."""
+    try:
+        # os.readlink, not Path.readlink: Path would normalise './3' or '3/' to '3'.
+        target = os.readlink(link)  # noqa: PTH115
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"{link} is corrupt: not a symlink ({e.strerror})") from e
+    if not _VERSION_RE.match(target):
+        raise CacheError(f"{link} is corrupt: target {target!r} is not a bare version number")
+    return int(target)
+
+
+def _check_layout(root: Path, manifest: Manifest) -> None:
+    """``root`` holds exactly the listed files (sizes match) plus manifest.json/.sig."""
+    try:
+        found = list_files(root)
+    except OSError as e:
+        raise IntegrityError(f"{e.filename or root}: {e.strerror or e}") from e
+    expected = {**{m: found.get(m, -1) for m in _META}, **{k: v.size for k, v in manifest.files.items()}}
+    for rel in sorted(set(expected) | set(found)):
+        if rel not in expected:
+            raise IntegrityError(f"{root / rel}: not listed in the manifest")
+        if rel not in found:
+            raise IntegrityError(f"{root / rel}: missing")
+        if found[rel] != expected[rel]:
+            raise IntegrityError(f"{root / rel}: size {found[rel]} differs from declared {expected[rel]}")
+
+
+def _raise_floor(state: State, name: str, version: int) -> State:
+    return state if state.model(name).highest >= version else state.with_model(name, highest=version)
+
+
+class ModelCache:
+    """Installs, activates, rolls back, verifies and collects cached model versions.
+
+    Mutations hold the :class:`StateStore` lock (threads and processes). A gate
+    ``check`` runs outside it so a slow golden run does not block the CLI;
+    what it relied on is re-checked under the lock.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        keep_versions: int = 3,
+        fault: Fault | None = None,
+        *,
+        max_manifest_bytes: int = 1 << 20,
+    ) -> None:
+        """Open the cache under ``state_dir``, creating its dirs 0700.
+
+        Raises CacheError: ``keep_versions`` < 1, or a dir is a symlink or cannot be created.
+        """
+        if keep_versions < 1:
+            raise CacheError(f"keep_versions must be at least 1, got {keep_versions}")
+        self.keep_versions = keep_versions
+        self.state = StateStore(state_dir)
+        self.state_dir = state_dir
+        self._models, self._staging = state_dir / "models", state_dir / "staging"
+        self._fault = fault or _no_fault
+        self._max_manifest = max_manifest_bytes
+        for d in (self._models, self._staging):
+            with _os_errors(f"cache dir {d} is unusable"):
+                make_private_dir(d)
+
+    # ------------------------------------------------------------------ queries
+
+    def staging_root(self) -> Path:
+        """Where the bundle reader creates its ``<unique>/`` staging dirs."""
+        return self._staging
+
+    def names(self) -> list[str]:
+        """Model names present in the cache, sorted."""
+        with _os_errors(f"cannot list {self._models}"), os.scandir(self._models) as it:
+            return sorted(e.name for e in it if _NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+
+    def versions(self, name: str) -> list[int]:
+        """Installed versions of ``name`` ascending (real dirs named by a decimal version)."""
+        ndir = self._name_dir(name)
+        if not ndir.is_dir() or ndir.is_symlink():
+            return []
+        with _os_errors(f"cannot list {ndir}"), os.scandir(ndir) as it:
+            return sorted(
+                int(e.name) for e in it if _VERSION_RE.match(e.name) and e.is_dir(follow_symlinks=False)
+            )
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """The directory of ``name`` ``version``, existing or not. Raises CacheError if either is invalid."""
+        if isinstance(version, bool) or not isinstance(version, int) or not _VERSION_RE.match(str(version)):
+            raise CacheError(f"model version {version!r} is not valid")
+        return self._name_dir(name) / str(version)
+
+    def active_version(self, name: str) -> int | None:
+        """The active version or None. Raises CacheError if the link is corrupt or dangling."""
+        return self._link_version(name, "active")
+
+    def previous_version(self, name: str) -> int | None:
+        """The version ``rollback()`` returns to, or None. Raises CacheError like active_version."""
+        return self._link_version(name, "previous")
+
+    def floor(self, name: str) -> int:
+        """The anti-rollback floor: the highest version ever installed, 0 if none.
+
+        The larger of the stored floor and the versions on disk, so a crash
+        between the rename and the state write cannot lower it.
+        Raises CacheError: the state file is corrupt.
+        """
+        return max(self.state.load().model(name).highest, *self.versions(name), 0)
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        """Parse a cached version's manifest.json again from disk (size-capped).
+
+        Raises:
+            CacheError: the version is not in the cache.
+            IntegrityError: unreadable, too large, invalid, or for another name/version.
+        """
+        path = self._require_cached(name, version) / "manifest.json"
+        try:
+            manifest = parse_manifest(read_capped(path, self._max_manifest))
+        except OSError as e:
+            raise IntegrityError(f"{path}: unreadable: {e.strerror or e}") from e
+        except ManifestError as e:
+            raise IntegrityError(f"{path}: {e}") from e
+        if (manifest.name, manifest.version) != (name, version):
+            raise IntegrityError(f"{path}: is for {manifest.name} v{manifest.version}, not {name} v{version}")
+        return manifest
+
+    def verify_version(self, name: str, version: int) -> None:
+        """Re-hash every file of a cached version against its manifest.
+
+        Raises:
+            CacheError: the version is not in the cache.
+            IntegrityError: a file is missing, extra, a link, unreadable, or its
+                size or sha256 differs (bit rot); the message names the file.
+        """
+        vdir = self._require_cached(name, version)
+        manifest = self.manifest(name, version)
+        _check_layout(vdir, manifest)
+        for rel, entry in sorted(manifest.files.items()):
+            try:
+                digest, size = sha256_file(vdir / rel)
+            except OSError as e:
+                raise IntegrityError(f"{vdir / rel}: unreadable: {e.strerror or e}") from e
+            if (digest, size) != (entry.sha256, entry.size):
+                raise IntegrityError(f"{vdir / rel}: sha256 does not match the manifest (bit rot?)")
+
+    def verify_all(self) -> list[tuple[str, int, EdgeRuntimeError | None]]:
+        """``verify_version`` each cached version: (name, version, error or None)."""
+        results: list[tuple[str, int, EdgeRuntimeError | None]] = []
+        for name in self.names():
+            for version in self.versions(name):
+                try:
+                    self.verify_version(name, version)
+                    results.append((name, version, None))
+                except EdgeRuntimeError as e:
+                    results.append((name, version, e))
+        return results
+
+    def list_models(self) -> list[ModelInfo]:
+        """One record per model name; corrupt links are reported in ``problems``, not raised."""
+        state, infos = self.state.load(), []
+        for name in self.names():
+            links: dict[str, int | None] = {"active": None, "previous": None}
+            problems = []
+            for which in links:
+                try:
+                    links[which] = self._link_version(name, which)
+                except CacheError as e:
+                    problems.append(e.one_line())
+            versions = tuple(self.versions(name))
+            floor = max(state.model(name).highest, *versions, 0)
+            pinned = state.model(name).pinned
+            infos.append(
+                ModelInfo(name, versions, links["active"], links["previous"], floor, pinned, tuple(problems))
+            )
+        return infos
+
+    # ---------------------------------------------------------------- mutations
+
+    def install(self, staged: StagedBundle, *, check: Check | None = None, activate: bool = True) -> int:
+        """Move a verified staged bundle into the cache and return its version.
+
+        Order: anti-rollback, layout check, ``check(dir, manifest)``, fsync,
+        rename to ``models/<name>/<version>``, raise the floor, then (with
+        ``activate``) previous -> old active and active -> new, then gc. Up to
+        the rename nothing in the cache changes, and a failure removes the
+        staged dir.
+
+        Raises:
+            RollbackError: the version is not above the floor.
+            IntegrityError: the staged dir does not match its manifest.
+            CacheError: the dir is not under ``staging_root()``, the version
+                exists, the state is corrupt, or the file system failed.
+            Whatever ``check`` raises (GateError, ModelLoadError, ...).
+        """
+        manifest = staged.manifest
+        name, version = manifest.name, manifest.version
+        src, top = self._staged_paths(staged.directory)
+        renamed = False
+        try:
+            self._refuse_rollback(name, version)
+            _check_layout(src, manifest)
+            with _os_errors(f"cannot read {src / 'manifest.json'}"):
+                on_disk = (src / "manifest.json").read_bytes()
+            if on_disk != staged.manifest_bytes or parse_manifest(on_disk) != manifest:
+                raise IntegrityError(f"{src / 'manifest.json'}: differs from the verified manifest")
+            if check is not None:
+                check(src, manifest)
+            self._fault("install:checked")
+            with _os_errors(f"cannot sync {src}"):
+                fsync_tree(src, 0o600, 0o700)
+            self._fault("install:synced")
+            with self.state.locked(), _os_errors(f"cannot install {name} v{version}"):
+                self._refuse_rollback(name, version)
+                ndir = self._make_name_dir(name)
+                if os.path.lexists(ndir / str(version)):
+                    raise CacheError(f"{ndir / str(version)} already exists")
+                src.rename(ndir / str(version))
+                renamed = True
+                self._fault("install:renamed")
+                fsync_dir(ndir)
+                fsync_dir(src.parent)
+                self._fault("install:dir-synced")
+                # Only after the rename: a floor raised for a version that never
+                # landed would lock the device out of that version for good.
+                self.state.update(lambda s: _raise_floor(s, name, version))
+                self._fault("install:floor-raised")
+                if activate:
+                    self._switch(name, version, "install")
+                try:
+                    self.gc(name)
+                except CacheError as e:  # the install is committed; failing it now would mislead
+                    _log.warning("gc of %s after installing v%d failed: %s", name, version, e.one_line())
+        except BaseException:
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    remove_tree(top)
+            raise
+        if top != src:
+            with contextlib.suppress(OSError):
+                remove_tree(top)
+        return version
+
+    def activate(self, name: str, version: int, *, check: Check | None = None) -> None:
+        """Make a cached version active (operator action: no anti-rollback).
+
+        It is re-hashed and ``check(dir, manifest)`` runs before the links
+        change; the old active becomes ``previous``.
+
+        Raises:
+            CacheError: not in the cache, or the file system failed.
+            IntegrityError: the version fails verification.
+            Whatever ``check`` raises.
+        """
+        self.verify_version(name, version)
+        if check is not None:
+            check(self.version_dir(name, version), self.manifest(name, version))
+        with self.state.locked():
+            self._require_cached(name, version)  # gc may have run while check did
+            self._switch(name, version, "activate")
+
+    def rollback(self, name: str, version: int | None = None) -> int:
+        """Activate ``previous``, or the given cached ``version``; return it.
+
+        Anti-rollback does not apply: only versions still in the cache qualify.
+        The version left becomes ``previous``, so a rollback can be undone.
+
+        Raises:
+            CacheError: no previous version, not in the cache, or fs failure.
+            IntegrityError: the target fails verification.
+        """
+        with self.state.locked():
+            target = self.previous_version(name) if version is None else version
+            if target is None:
+                raise CacheError(f"{name} has no previous version to roll back to")
+            self.verify_version(name, target)
+            self._switch(name, target, "rollback")
+            return target
+
+    def pin(self, name: str, version: int | None) -> None:
+        """Protect a cached version from gc (None unpins). Raises CacheError if it is not cached."""
+        with self.state.locked():
+            if version is not None:
+                self._require_cached(name, version)
+            self.state.update(lambda s: s.with_model(name, pinned=version))
+
+    def gc(self, name: str) -> list[int]:
+        """Delete versions older than the newest ``keep_versions``; return those deleted.
+
+        Never deletes active, previous, pinned or a probation record's
+        versions; deletes nothing while a link is corrupt.
+        Raises CacheError: the state is corrupt or the file system failed.
+        """
+        with self.state.locked(), _os_errors(f"cannot collect old versions of {name}"):
+            try:
+                keep = {self.active_version(name), self.previous_version(name)}
+            except CacheError:
+                return []
+            model = self.state.load().model(name)
+            keep |= {model.pinned}
+            if model.probation is not None:
+                keep |= {model.probation.version, model.probation.previous}
+            versions = self.versions(name)
+            keep |= set(versions[-self.keep_versions :])
+            ndir, removed = self._name_dir(name), []
+            for version in (v for v in versions if v not in keep):
+                # Rename first: a crash mid-delete leaves a dot-entry that
+                # recover() removes, never a half-deleted "version" dir.
+                trash = ndir / f".trash-{version}-{os.getpid()}"
+                (ndir / str(version)).rename(trash)
+                fsync_dir(ndir)
+                self._fault("gc:trashed")
+                remove_tree(trash)
+                self._fault("gc:removed")
+                removed.append(version)
+            return removed
+
+    def recover(self) -> list[str]:
+        """Repair the cache at start-up; return one human-readable note per repair.
+
+        Empties staging and removes stray temp files, links and trash. For each
+        model whose ``active`` is missing, corrupt, dangling, incomplete or fails
+        its hashes, activates ``previous`` if valid, else the highest valid
+        version, else removes ``active``. Drops a corrupt or redundant
+        ``previous``; raises the stored floor to the highest installed version.
+        Call it before other processes use the state dir (staging is emptied).
+        Raises CacheError: the state file is corrupt or the file system failed.
+        """
+        notes: list[str] = []
+        with self.state.locked(), _os_errors("cannot recover the model cache"):
+            with os.scandir(self._staging) as it:
+                for entry in sorted(it, key=lambda e: e.name):
+                    remove_tree(Path(entry.path))
+                    notes.append(f"removed staging leftover {entry.name}")
+            fsync_dir(self._staging)
+            with os.scandir(self.state_dir) as it:
+                for entry in it:
+                    temp = entry.name[:1] == "." and entry.name.endswith(".tmp")
+                    if temp and not entry.is_dir(follow_symlinks=False):
+                        Path(entry.path).unlink()
+                        notes.append(f"removed stray temp file {entry.name}")
+            with os.scandir(self._models) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                if _NAME_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                    notes += self._recover_name(entry.name)
+                else:
+                    notes.append(f"ignored unexpected entry models/{entry.name}")
+        return notes
+
+    # ------------------------------------------------------------------ helpers
+
+    def _recover_name(self, name: str) -> list[str]:
+        ndir, notes = self._name_dir(name), []
+        with os.scandir(ndir) as it:
+            stray = [e.name for e in it if e.name.startswith(".")]
+        for entry in stray:
+            remove_tree(ndir / entry)
+            notes.append(f"{name}: removed stray {entry}")
+        versions = self.versions(name)
+        problem = self._active_problem(name, versions)
+        if problem:
+            chosen = self._best_valid(name, versions)
+            if chosen is not None:
+                self._set_link(ndir, "active", chosen, "recover")
+                notes.append(f"{name}: {problem}; activated version {chosen}")
+            elif os.path.lexists(ndir / "active"):
+                remove_tree(ndir / "active")
+                notes.append(f"{name}: {problem}; no valid version left, none active")
+        reason = ""
+        try:
+            prev = _read_link(ndir / "previous")
+            if prev is not None and prev not in versions:
+                reason = f"previous -> {prev} is dangling"
+            elif prev is not None and prev == _read_link(ndir / "active"):
+                reason = f"previous is the active version {prev}"
+        except CacheError as e:
+            reason = e.one_line()
+        if reason:
+            remove_tree(ndir / "previous")
+            notes.append(f"{name}: removed previous link ({reason})")
+        fsync_dir(ndir)
+        top = max(versions, default=0)
+        if self.state.load().model(name).highest < top:
+            self.state.update(lambda s: _raise_floor(s, name, top))
+            notes.append(f"{name}: raised anti-rollback floor to installed version {top}")
+        return notes
+
+    def _active_problem(self, name: str, versions: list[int]) -> str:
+        """Why ``active`` needs repair, or "" if it is valid (or rightly absent)."""
+        try:
+            active = _read_link(self._name_dir(name) / "active")
+        except CacheError as e:
+            return e.one_line()
+        if active is None:
+            return "no active version" if versions else ""
+        if active not in versions:
+            return f"active -> {active} is dangling"
+        try:
+            self.verify_version(name, active)
+        except EdgeRuntimeError as e:
+            return f"active version {active} is invalid ({e.one_line()})"
+        return ""
+
+    def _best_valid(self, name: str, versions: list[int]) -> int | None:
+        """``previous`` if it verifies, else the highest version that does."""
+        try:
+            previous = _read_link(self._name_dir(name) / "previous")
+        except CacheError:
+            previous = None
+        candidates = ([previous] if previous is not None and previous in versions else []) + versions[::-1]
+        for version in candidates:
+            try:
+                self.verify_version(name, version)
+                return version
+            except EdgeRuntimeError:
+                continue
+        return None
+
+    def _switch(self, name: str, target: int, op: str) -> None:
+        """Under the lock: previous -> current active, then active -> ``target``."""
+        ndir = self._name_dir(name)
+        try:
+            old = _read_link(ndir / "active")
+        except CacheError:
+            old = None  # a corrupt link holds nothing worth keeping as previous
+        if old == target:
+            return
+        with _os_errors(f"cannot activate {name} v{target}"):
+            if old is not None and self._is_version_dir(name, old):
+                self._set_link(ndir, "previous", old, op)
+            self._set_link(ndir, "active", target, op)
+
+    def _set_link(self, ndir: Path, which: str, version: int, op: str) -> None:
+        link = ndir / which
+        if link.is_dir() and not link.is_symlink():
+            remove_tree(link)  # a real dir where the link belongs: rename cannot replace it
+        replace_symlink(link, str(version), lambda: self._fault(f"{op}:{which}-linked"))
+        self._fault(f"{op}:{which}-set")
+
+    def _link_version(self, name: str, which: str) -> int | None:
+        version = _read_link(self._name_dir(name) / which)
+        if version is not None and not self._is_version_dir(name, version):
+            raise CacheError(f"{self._name_dir(name) / which} is dangling: version {version} is not cached")
+        return version
+
+    def _is_version_dir(self, name: str, version: int) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(self.version_dir(name, version)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _require_cached(self, name: str, version: int) -> Path:
+        if not self._is_version_dir(name, version):
+            raise CacheError(f"{name} version {version} is not in the cache")
+        return self.version_dir(name, version)
+
+    def _refuse_rollback(self, name: str, version: int) -> None:
+        floor = self.floor(name)
+        if version <= floor:
+            raise RollbackError(f"{name} version {version} is not above the anti-rollback floor {floor}")
+
+    def _name_dir(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise CacheError(f"model name {name!r} is not valid")
+        return self._models / name
+
+    def _make_name_dir(self, name: str) -> Path:
+        ndir = self._name_dir(name)
+        if not os.path.lexists(ndir):
+            make_private_dir(ndir)
+            fsync_dir(self._models)
+        elif ndir.is_symlink() or not ndir.is_dir():
+            raise CacheError(f"{ndir} is not a directory")
+        return ndir
+
+    def _staged_paths(self, directory: Path) -> tuple[Path, Path]:
+        """(the staged dir, the ``staging/<unique>`` entry holding it), else CacheError."""
+        root = Path(os.path.realpath(self._staging))
+        # Resolve the parent only: the staged dir itself must be a real dir, not a link.
+        src = Path(os.path.realpath(directory.parent)) / directory.name
+        if (
+            directory.name in ("", ".", "..")
+            or root not in src.parents
+            or src.is_symlink()
+            or not src.is_dir()
+        ):
+            raise CacheError(f"staged bundle {directory} is not a directory under {self._staging}")
+        return src, root / src.relative_to(root).parts[0]

@@ -1,0 +1,276 @@
+"""The persistent state of the model cache: ``<state>/state.json``, typed and locked.
+
+Per model name it records the anti-rollback floor (``highest`` version ever
+installed), an optional ``pinned`` version and the ``probation`` record of a
+freshly activated version; globally a ``boot_count``. On disk it is JSON with a
+``schema`` number, replaced with temp + fsync + rename so a crash leaves the old
+or the new file, never a torn one.
+
+A missing file means a fresh device. A file that exists but cannot be parsed is
+an error (:class:`CacheError`), never a silent reset: resetting would drop the
+anti-rollback floor and let an old, vulnerable model back in.
+
+Writers go through :meth:`StateStore.update`, a read-modify-write under a lock
+that is both a ``threading.RLock`` (threads of the daemon) and an ``flock`` on
+``<state>/state.lock`` (the daemon and a CLI process), so no update is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CacheError
+from .fsutil import atomic_write, make_private_dir, read_capped
+
+__all__ = [
+    "LOCK_FILE",
+    "STATE_FILE",
+    "STATE_SCHEMA",
+    "ModelState",
+    "Probation",
+    "State",
+    "StateStore",
+    "decode_state",
+]
+
+STATE_SCHEMA = 1
+STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"
+MAX_STATE_BYTES = 4 << 20
+_MAX_INT = 2**53
+# Same rule as manifest.name, so every name in the state can be a directory name.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class Probation:
+    """A version on trial after activation, and the version to fall back to.
+
+    ``started_at`` is a Unix timestamp; ``boot_attempts`` counts daemon starts
+    while on probation, so a model that crashes the process is caught too.
+    """
+
+    version: int
+    previous: int | None
+    started_at: float
+    inferences: int = 0
+    errors: int = 0
+    boot_attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What is remembered about one model name."""
+
+    highest: int = 0
+    pinned: int | None = None
+    probation: Probation | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    """The whole state file. Treat as immutable: derive new states with the helpers."""
+
+    boot_count: int = 0
+    models: Mapping[str, ModelState] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelState:
+        """The state of ``name`` (a fresh :class:`ModelState` if never seen)."""
+        return self.models.get(name, ModelState())
+
+    def with_model(self, name: str, **changes: Any) -> State:
+        """A copy where model ``name`` has ``changes`` applied (highest, pinned, probation)."""
+        models = dict(self.models)
+        models[name] = dataclasses.replace(self.model(name), **changes)
+        return dataclasses.replace(self, models=models)
+
+    def to_json(self) -> bytes:
+        """The on-disk form: sorted, indented JSON with the schema number."""
+        doc = {
+            "schema": STATE_SCHEMA,
+            "boot_count": self.boot_count,
+            "models": {k: dataclasses.asdict(v) for k, v in sorted(self.models.items())},
+        }
+        return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+
+class _Obj:
+    """Typed access to one JSON object; every error names where it is."""
+
+    def __init__(self, obj: object, where: str, keys: tuple[str, ...]) -> None:
+        if not isinstance(obj, dict):
+            raise CacheError(f"{where} must be a JSON object")
+        unknown = sorted(set(obj) - set(keys))
+        if unknown:
+            raise CacheError(f"{where} has unknown key {unknown[0]!r}")
+        self.obj: dict[str, Any] = obj
+        self.where = where
+
+    def value(self, key: str) -> Any:
+        if key not in self.obj:
+            raise CacheError(f"{self.where}.{key} is missing")
+        return self.obj[key]
+
+    def int_(self, key: str, lo: int = 0) -> int:
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _MAX_INT:
+            raise CacheError(f"{self.where}.{key} must be an integer >= {lo}")
+        return value
+
+    def opt_int(self, key: str, lo: int = 1) -> int | None:
+        return None if self.value(key) is None else self.int_(key, lo)
+
+    def float_(self, key: str) -> float:
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e12:
+            raise CacheError(f"{self.where}.{key} must be a non-negative number")
+        return float(value)
+
+
+def _probation(raw: object, where: str) -> Probation | None:
+    if raw is None:
+        return None
+    f = _Obj(raw, where, ("version", "previous", "started_at", "inferences", "errors", "boot_attempts"))
+    return Probation(
+        version=f.int_("version", 1),
+        previous=f.opt_int("previous"),
+        started_at=f.float_("started_at"),
+        inferences=f.int_("inferences"),
+        errors=f.int_("errors"),
+        boot_attempts=f.int_("boot_attempts"),
+    )
+
+
+def decode_state(data: bytes, where: str = STATE_FILE) -> State:
+    """Parse state-file bytes strictly.
+
+    Raises:
+        CacheError: not UTF-8 JSON, another schema, or a field is missing,
+            mistyped, out of range or unknown (the message names it).
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CacheError(f"{where}: state file is corrupt (not UTF-8 JSON: {e})") from e
+    top = _Obj(doc, where, ("schema", "boot_count", "models"))
+    schema = top.int_("schema")
+    if schema != STATE_SCHEMA:
+        raise CacheError(f"{where}: state schema {schema} is not supported (expected {STATE_SCHEMA})")
+    models_raw = top.value("models")
+    if not isinstance(models_raw, dict):
+        raise CacheError(f"{where}.models must be a JSON object")
+    models: dict[str, ModelState] = {}
+    for name, raw in models_raw.items():
+        if not _NAME_RE.match(name):
+            raise CacheError(f"{where}.models has an invalid model name {name!r}")
+        mw = f"{where}.models[{name!r}]"
+        f = _Obj(raw, mw, ("highest", "pinned", "probation"))
+        models[name] = ModelState(
+            highest=f.int_("highest"),
+            pinned=f.opt_int("pinned"),
+            probation=_probation(f.value("probation"), f"{mw}.probation"),
+        )
+    return State(boot_count=top.int_("boot_count"), models=models)
+
+
+class StateStore:
+    """Loads and atomically updates ``<state_dir>/state.json``.
+
+    Share one instance per process: the lock is re-entrant for the thread that
+    holds it, but two instances in one thread would wait on each other's flock.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        """Use ``state_dir`` (created 0700 if missing).
+
+        Raises:
+            CacheError: the state dir cannot be created or is a symlink/non-dir.
+        """
+        try:
+            make_private_dir(state_dir)
+        except OSError as e:
+            raise CacheError(f"state dir {state_dir} is unusable: {e}") from e
+        self.state_dir = state_dir
+        self.path = state_dir / STATE_FILE
+        self.lock_path = state_dir / LOCK_FILE
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._fd = -1
+
+    def load(self) -> State:
+        """The current state; a fresh :class:`State` when the file does not exist.
+
+        Raises:
+            CacheError: the file is unreadable, too large or corrupt.
+        """
+        try:
+            data = read_capped(self.path, MAX_STATE_BYTES)
+        except FileNotFoundError:
+            return State()
+        except OSError as e:
+            raise CacheError(f"{self.path}: cannot read state file: {e.strerror or e}") from e
+        return decode_state(data, str(self.path))
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state lock (threads and processes); re-entrant in one thread.
+
+        Raises:
+            CacheError: the lock file cannot be opened or locked.
+        """
+        with self._mutex:
+            if self._depth == 0:
+                self._fd = self._acquire()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    # Closing the descriptor drops the flock; a killed process
+                    # drops it the same way, so a crash never leaves it held.
+                    os.close(self._fd)
+                    self._fd = -1
+
+    def _acquire(self) -> int:
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+        except OSError as e:
+            raise CacheError(f"{self.lock_path}: cannot open lock file: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            raise CacheError(f"{self.lock_path}: cannot lock: {e.strerror or e}") from e
+        return fd
+
+    def update(self, fn: Callable[[State], State]) -> State:
+        """Read, apply ``fn`` and write back, all under the lock; return the new state.
+
+        ``fn`` must be a pure function of the state it is given. Nothing is
+        written when it returns an equal state.
+
+        Raises:
+            CacheError: the state is corrupt or cannot be written.
+        """
+        with self.locked():
+            old = self.load()
+            new = fn(old)
+            if new != old:
+                try:
+                    atomic_write(self.path, new.to_json())
+                except OSError as e:
+                    raise CacheError(f"{self.path}: cannot write state file: {e.strerror or e}") from e
+            return new
