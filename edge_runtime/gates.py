@@ -1,0 +1,156 @@
+"""Activation gates run on the device: golden cases and a latency budget.
+
+A candidate model must reproduce the publisher's golden outputs within the
+declared tolerances and meet ``gates.latency_ms_p95`` before it may serve.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeRuntimeError, GateError, InputError
+from .loaded_model import LoadedModel
+from .manifest import GoldenCase
+from .preprocess import decode_image
+
+__all__ = ["GateReport", "LatencyStats", "check_gates", "measure_latency", "run_golden"]
+
+_MAX_GOLDEN_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency percentiles in milliseconds over ``runs`` timed calls."""
+
+    runs: int
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
+        a = np.asarray(samples_ms, np.float64)
+        p50, p95, p99 = np.percentile(a, [50, 95, 99])
+        return cls(len(samples_ms), float(p50), float(p95), float(p99), float(a.max()))
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """What the gates measured; ``failures`` holds one line per failed golden case."""
+
+    golden_total: int
+    golden_passed: int
+    failures: tuple[str, ...]
+    latency: LatencyStats | None
+
+
+def _load_array_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    with open(path, "rb") as fh:
+        data = fh.read(_MAX_GOLDEN_BYTES + 1)
+    if len(data) > _MAX_GOLDEN_BYTES:
+        raise InputError(f"golden file {path.name} is too large")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"golden file {path.name} is not .npy/.npz: {e}") from e
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        return {k: loaded[k] for k in loaded.files}
+
+
+def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, np.ndarray]:
+    """The model input of one golden case (an .npy/.npz tensor, or an image run through preprocess)."""
+    path = model.directory / case.input
+    if path.suffix in (".npy", ".npz"):
+        loaded = _load_array_file(path)
+        if isinstance(loaded, dict):
+            return {k: model.to_tensor(v, k) for k, v in loaded.items()}
+        return {model.preprocess_input.name: model.to_tensor(loaded)}
+    with open(path, "rb") as fh:
+        image = decode_image(fh.read(), model.limits.max_image_bytes, model.limits.max_image_pixels)
+    return {model.preprocess_input.name: model.image_to_tensor(image)}
+
+
+def _compare(model: LoadedModel, case: GoldenCase, outputs: dict[str, np.ndarray]) -> str:
+    expected = _load_array_file(model.directory / case.expected)
+    if isinstance(expected, np.ndarray):
+        expected = {model.backend.outputs[0].name: expected}
+    for name, want in expected.items():
+        got = outputs.get(name)
+        if got is None:
+            return f"{case.input}: model has no output {name!r}"
+        if got.shape != want.shape:
+            return f"{case.input}: output {name!r} shape {list(got.shape)} != expected {list(want.shape)}"
+        got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        if not np.allclose(got64, want64, rtol=case.rtol, atol=case.atol):
+            diff = float(np.max(np.abs(got64 - want64)))
+            return f"{case.input}: output {name!r} differs by up to {diff:.3g} (atol {case.atol:g}, rtol {case.rtol:g})"
+    return ""
+
+
+def run_golden(model: LoadedModel) -> tuple[int, list[str]]:
+    """Run every golden case; return (passed, failure lines)."""
+    failures: list[str] = []
+    for case in model.manifest.golden:
+        try:
+            problem = _compare(model, case, model.infer(golden_feeds(model, case)))
+        except EdgeRuntimeError as e:
+            problem = f"{case.input}: {e.one_line()}"
+        if problem:
+            failures.append(problem)
+    return len(model.manifest.golden) - len(failures), failures
+
+
+def measure_latency(call: Callable[[], object], runs: int = 30, warmup: int = 3) -> LatencyStats:
+    """Time ``call`` ``runs`` times after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return LatencyStats.from_samples(samples)
+
+
+def check_gates(model: LoadedModel, runs: int = 30) -> GateReport:
+    """Run the golden cases and the latency gate of ``model``'s manifest.
+
+    The latency is measured on the first golden input (zeros when there is
+    none) with the runtime already warm, so first-run compilation never counts.
+
+    Raises:
+        GateError: golden pass rate below ``gates.golden_pass_rate`` or p95
+            latency above ``gates.latency_ms_p95``; the message says which and by how much.
+    """
+    gates = model.manifest.gates
+    passed, failures = run_golden(model)
+    total = len(model.manifest.golden)
+    if total and passed / total < gates.golden_pass_rate:
+        raise GateError(
+            f"golden cases: {passed}/{total} passed, {gates.golden_pass_rate:.0%} required; "
+            f"first failure: {failures[0]}"
+        )
+    latency = None
+    if gates.latency_ms_p95 > 0:
+        feeds = golden_feeds(model, model.manifest.golden[0]) if total else _zeros(model)
+        latency = measure_latency(lambda: model.infer(feeds), runs=runs)
+        if latency.p95 > gates.latency_ms_p95:
+            raise GateError(
+                f"latency p95 {latency.p95:.2f} ms exceeds the {gates.latency_ms_p95:g} ms budget"
+            )
+    return GateReport(total, passed, tuple(failures), latency)
+
+
+def _zeros(model: LoadedModel) -> dict[str, np.ndarray]:
+    return {
+        t.name: np.zeros([1 if d is None else d for d in t.shape], dtype=t.dtype) for t in model.backend.inputs
+    }
