@@ -1,0 +1,171 @@
+"""``edge-runtime bundle keygen|pack|verify|inspect``: the publisher's side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends import create_backend
+from ..backends.base import BackendOptions, TensorInfo
+from ..bundle_reader import inspect_bundle, read_bundle
+from ..bundle_writer import BundleSpec, GoldenSource, pack_bundle
+from ..errors import ManifestError
+from ..manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
+from ..signing import generate_keypair, load_private_key, load_trusted_keys
+from ..typed_toml import build, load_toml
+from .common import Context, emit, verb_parser
+
+__all__ = ["SpecFile", "load_spec", "register"]
+
+_FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """``--spec SPEC.toml``: what the manifest says beyond the model file itself.
+
+    ``labels`` and ``reference`` are local paths (relative to the spec file);
+    ``inputs``/``outputs`` default to what the runtime reports for the model;
+    shapes use -1 for dynamic dims.
+    """
+
+    format: str = ""
+    labels: Path | None = None
+    reference: Path | None = None
+    expires: str = ""
+    golden_rtol: float = 1e-3
+    golden_atol: float = 1e-4
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    preprocess: Preprocess | None = None
+    postprocess: Postprocess = field(default_factory=Postprocess)
+    gates: Gates = field(default_factory=Gates)
+    requires: Requires = field(default_factory=Requires)
+
+
+def load_spec(path: Path | None) -> SpecFile:
+    """Parse a pack spec; unknown keys and bad values are refused naming the key.
+
+    Raises:
+        ConfigError: unreadable, not TOML, or a bad key.
+    """
+    if path is None:
+        return SpecFile()
+    spec = build(SpecFile, load_toml(path), base=path.parent.resolve())
+
+    def dynamic(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        return tuple(dataclasses.replace(s, shape=tuple(None if d == -1 else d for d in s.shape)) for s in specs)
+
+    return dataclasses.replace(spec, inputs=dynamic(spec.inputs), outputs=dynamic(spec.outputs))
+
+
+def _introspect(fmt: str, model: Path, layout: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs/outputs as the runtime reports them (this also proves the model loads)."""
+    backend = create_backend(fmt, model, BackendOptions())
+    try:
+
+        def specs(infos: tuple[TensorInfo, ...], lay: str) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t.name, t.shape, t.dtype, lay if len(t.shape) == 4 else "") for t in infos)
+
+        return specs(backend.inputs, layout), specs(backend.outputs, "")
+    finally:
+        backend.close()
+
+
+def build_bundle_spec(args: argparse.Namespace, spec: SpecFile) -> BundleSpec:
+    """Combine CLI arguments and the spec file into what the packer needs."""
+    fmt = spec.format or _FORMATS_BY_SUFFIX.get(args.model.suffix.lower(), "")
+    if not fmt:
+        raise ManifestError(f"cannot tell the format of {args.model.name}: use .onnx/.tflite or set format")
+    layout = spec.preprocess.layout if spec.preprocess else ""
+    inputs, outputs = spec.inputs, spec.outputs
+    if not inputs or not outputs:
+        found_in, found_out = _introspect(fmt, args.model, layout)
+        inputs, outputs = inputs or found_in, outputs or found_out
+    post, extra = spec.postprocess, {}
+    if spec.labels is not None:
+        extra["labels.txt"] = spec.labels
+        post = dataclasses.replace(post, labels="labels.txt")
+    golden = tuple(GoldenSource(Path(i), Path(e), spec.golden_rtol, spec.golden_atol) for i, e in args.golden)
+    return BundleSpec(
+        name=args.name, version=args.version, format=fmt, model=args.model, inputs=inputs, outputs=outputs,
+        preprocess=spec.preprocess, postprocess=post, extra_files=extra, golden=golden, gates=spec.gates,
+        requires=spec.requires, reference=spec.reference, expires=spec.expires,
+    )
+
+
+def _summary(manifest: Manifest) -> dict[str, Any]:
+    return {"name": manifest.name, "version": manifest.version, "format": manifest.format,
+            "files": len(manifest.files), "bytes": sum(f.size for f in manifest.files.values())}
+
+
+def _keygen(ctx: Context, args: argparse.Namespace) -> int:
+    kid = generate_keypair(args.keyfile)
+    emit(ctx, {"key_id": kid, "private": str(args.keyfile), "public": f"{args.keyfile}.pub"}, kid)
+    return 0
+
+
+def _pack(ctx: Context, args: argparse.Namespace) -> int:
+    keys = [load_private_key(k) for k in args.key]
+    manifest = pack_bundle(args.output, build_bundle_spec(args, load_spec(args.spec)), keys)
+    info = _summary(manifest) | {"output": str(args.output), "signatures": len(keys)}
+    emit(ctx, info, f"packed {manifest.name} v{manifest.version} ({manifest.format}, {info['bytes']} bytes, "
+                    f"{len(keys)} signature(s)) -> {args.output}")
+    return 0
+
+
+def _verify(ctx: Context, args: argparse.Namespace) -> int:
+    # A publisher verifies without a device cache: a throw-away staging dir, and
+    # no device policy (anti-rollback floor, hardware) — `models install` adds those.
+    config = ctx.config
+    with tempfile.TemporaryDirectory(prefix="edge-runtime-verify-") as tmp:
+        staged = read_bundle(args.bundle, trusted=load_trusted_keys(config.trust_dir),
+                             threshold=config.trust.threshold, limits=config.limits, staging_root=Path(tmp))
+    info = _summary(staged.manifest) | {"key_ids": list(staged.key_ids), "ok": True}
+    emit(ctx, info, f"OK {staged.manifest.name} v{staged.manifest.version}: signatures by "
+                    f"{', '.join(k[:16] for k in staged.key_ids)}; every file matches its sha256")
+    return 0
+
+
+def _inspect(ctx: Context, args: argparse.Namespace) -> int:
+    info = inspect_bundle(args.bundle, ctx.config.limits)
+    doc = {"manifest": json.loads(info.manifest_bytes), "signer_key_ids": list(info.signer_key_ids),
+           "size": info.size, "verified": False}
+    text = json.dumps(doc["manifest"], indent=1, sort_keys=True)
+    emit(ctx, doc, f"{text}\nsigned by (unverified): {', '.join(info.signer_key_ids)}\nsize: {info.size} bytes")
+    return 0
+
+
+def register(verbs: Any) -> None:
+    """Add the ``bundle`` verb and its sub-verbs."""
+    bundle = verbs.add_parser("bundle", help="create and check signed model bundles")
+    sub = bundle.add_subparsers(dest="bundle_verb", metavar="SUBVERB", required=True)
+
+    p = verb_parser(sub, "keygen", "create an Ed25519 signing key (KEYFILE 0600, KEYFILE.pub)")
+    p.add_argument("keyfile", type=Path, metavar="KEYFILE")
+    p.set_defaults(handler=_keygen)
+
+    p = verb_parser(sub, "pack", "build and sign a bundle from a model file")
+    p.add_argument("--model", type=Path, required=True, help="model file (.onnx or .tflite)")
+    p.add_argument("--name", required=True, help="model name (letters, digits, ._-)")
+    p.add_argument("--version", type=int, required=True, help="integer version, above every earlier one")
+    p.add_argument("--key", type=Path, action="append", required=True,
+                   help="private key file; repeat to add more signatures")
+    p.add_argument("--spec", type=Path, help="SPEC.toml: inputs, preprocess, postprocess, labels, gates")
+    p.add_argument("--golden", nargs=2, action="append", default=[], metavar=("INPUT", "EXPECTED"),
+                   help="golden case: input (.npy or image) and expected outputs (.npy/.npz)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
+    p.set_defaults(handler=_pack)
+
+    p = verb_parser(sub, "verify", "check signatures, safety rules and every hash (installs nothing)")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.set_defaults(handler=_verify)
+
+    p = verb_parser(sub, "inspect", "show a bundle's manifest and signer key ids (not verified)")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.set_defaults(handler=_inspect)

@@ -1,0 +1,85 @@
+"""What every CLI verb shares: common options, the loaded config, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, load_config
+from ..model_store import ModelStore
+
+__all__ = ["Context", "add_common_options", "emit", "verb_parser"]
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """--config/--state-dir/--trust-dir/--json/-v, accepted before or after the verb.
+
+    On verb parsers the defaults are SUPPRESS so they do not clobber values
+    given before the verb.
+    """
+    default: Any = None if top_level else argparse.SUPPRESS
+    flag_default: Any = False if top_level else argparse.SUPPRESS
+    group = parser.add_argument_group("common options")
+    group.add_argument("--config", type=Path, default=default, metavar="PATH",
+                       help="config file (default: /etc/edge-runtime/config.toml when present)")
+    group.add_argument("--state-dir", type=Path, default=default, metavar="DIR",
+                       help="override state_dir (model cache, state file)")
+    group.add_argument("--trust-dir", type=Path, default=default, metavar="DIR",
+                       help="override trust_dir (trusted publisher *.pub keys)")
+    group.add_argument("--json", action="store_true", default=flag_default, help="machine-readable output")
+    group.add_argument("-v", "--verbose", action="store_true", default=flag_default, help="debug logging")
+
+
+def verb_parser(verbs: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A verb sub-parser that also takes the common options."""
+    parser: argparse.ArgumentParser = verbs.add_parser(name, help=help_text, description=help_text)
+    add_common_options(parser)
+    return parser
+
+
+@dataclass
+class Context:
+    """Parsed common options; the config and model store are built on first use."""
+
+    config_path: Path | None
+    state_dir: Path | None
+    trust_dir: Path | None
+    json: bool
+    _config: Config | None = field(default=None, repr=False)
+    _store: ModelStore | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        return cls(args.config, args.state_dir, args.trust_dir, bool(args.json))
+
+    @property
+    def config(self) -> Config:
+        """The config with CLI overrides applied. Raises ConfigError."""
+        if self._config is None:
+            config = load_config(self.config_path)
+            if self.state_dir is not None:
+                config = config.replace(state_dir=self.state_dir.resolve())
+            if self.trust_dir is not None:
+                config = config.replace(trust_dir=self.trust_dir.resolve())
+            self._config = config
+        return self._config
+
+    @property
+    def store(self) -> ModelStore:
+        """The model store over the configured state dir."""
+        if self._store is None:
+            self._store = ModelStore(self.config)
+        return self._store
+
+
+def emit(ctx: Context, data: Any, text: str) -> None:
+    """Print ``data`` as JSON with --json, else the human ``text``."""
+    if ctx.json:
+        json.dump(data, sys.stdout, indent=1, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)

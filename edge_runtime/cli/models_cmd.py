@@ -1,0 +1,99 @@
+"""``edge-runtime models install|list|activate|rollback|verify``: the device cache."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..gates import GateReport
+from .common import Context, emit, verb_parser
+
+__all__ = ["register"]
+
+
+def _gate_text(report: GateReport | None) -> str:
+    if report is None:
+        return "gates skipped"
+    parts = [f"golden {report.golden_passed}/{report.golden_total}"]
+    if report.latency is not None:
+        parts.append(f"latency p95 {report.latency.p95:.2f} ms")
+    return ", ".join(parts)
+
+
+def _gate_json(report: GateReport | None) -> dict[str, Any] | None:
+    return None if report is None else dataclasses.asdict(report)
+
+
+def _install(ctx: Context, args: argparse.Namespace) -> int:
+    result = ctx.store.install(args.bundle, activate=not args.no_activate, gates=not args.no_gates)
+    m = result.manifest
+    state = "active" if result.active else "installed, not active"
+    emit(ctx, {"name": m.name, "version": m.version, "active": result.active, "gates": _gate_json(result.gates)},
+         f"installed {m.name} v{m.version} ({state}; {_gate_text(result.gates)})")
+    return 0
+
+
+def _list(ctx: Context, args: argparse.Namespace) -> int:
+    models = ctx.store.cache.list_models()
+    lines = [f"{'NAME':24} {'ACTIVE':>6} {'PREVIOUS':>8} {'FLOOR':>5}  VERSIONS"]
+    for m in models:
+        flags = f"  pinned={m.pinned}" if m.pinned is not None else ""
+        flags += f"  problems: {'; '.join(m.problems)}" if m.problems else ""
+        lines.append(f"{m.name:24} {m.active or '-':>6} {m.previous or '-':>8} {m.floor:>5}  "
+                     f"{','.join(map(str, m.versions)) or '-'}{flags}")
+    emit(ctx, [dataclasses.asdict(m) for m in models], "\n".join(lines) if models else "no models installed")
+    return 0
+
+
+def _activate(ctx: Context, args: argparse.Namespace) -> int:
+    report = ctx.store.activate(args.name, args.version, gates=not args.no_gates)
+    emit(ctx, {"name": args.name, "active": args.version, "gates": _gate_json(report)},
+         f"{args.name} v{args.version} is active ({_gate_text(report)})")
+    return 0
+
+
+def _rollback(ctx: Context, args: argparse.Namespace) -> int:
+    version = ctx.store.cache.rollback(args.name, args.to)
+    emit(ctx, {"name": args.name, "active": version}, f"{args.name} rolled back to v{version}")
+    return 0
+
+
+def _verify(ctx: Context, args: argparse.Namespace) -> int:
+    results = ctx.store.cache.verify_all()
+    bad = [(n, v, e) for n, v, e in results if e is not None]
+    rows = [{"name": n, "version": v, "ok": e is None, "error": e.one_line() if e else None} for n, v, e in results]
+    text = "\n".join(f"{r['name']} v{r['version']}: {'ok' if r['ok'] else 'CORRUPT: ' + str(r['error'])}"
+                     for r in rows)
+    emit(ctx, rows, text or "no models installed")
+    return 1 if bad else 0
+
+
+def register(verbs: Any) -> None:
+    """Add the ``models`` verb and its sub-verbs."""
+    models = verbs.add_parser("models", help="manage the device's model cache")
+    sub = models.add_subparsers(dest="models_verb", metavar="SUBVERB", required=True)
+
+    p = verb_parser(sub, "install", "verify a bundle, gate it on this device, install and activate it")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--no-activate", action="store_true", help="install into the cache only")
+    p.add_argument("--no-gates", action="store_true", help="skip loading and golden/latency gates")
+    p.set_defaults(handler=_install)
+
+    p = verb_parser(sub, "list", "list cached models, versions, active/previous and floors")
+    p.set_defaults(handler=_list)
+
+    p = verb_parser(sub, "activate", "make a cached version active (loaded and gated first)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--no-gates", action="store_true", help="skip golden/latency gates")
+    p.set_defaults(handler=_activate)
+
+    p = verb_parser(sub, "rollback", "go back to the previous version (or --to a cached one)")
+    p.add_argument("name")
+    p.add_argument("--to", type=int, default=None, metavar="VERSION")
+    p.set_defaults(handler=_rollback)
+
+    p = verb_parser(sub, "verify", "re-hash every cached file against its signed manifest")
+    p.set_defaults(handler=_verify)

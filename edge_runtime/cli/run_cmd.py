@@ -1,0 +1,76 @@
+"""``edge-runtime run`` (one-shot inference) and ``edge-runtime config check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config
+from ..errors import CacheError, EdgeRuntimeError
+from .common import Context, emit, verb_parser
+
+__all__ = ["register"]
+
+
+def _pick_model(ctx: Context, name: str | None) -> str:
+    if name:
+        return name
+    names = [n for n in ctx.store.cache.names() if ctx.store.cache.active_version(n) is not None]
+    if len(names) != 1:
+        listed = ", ".join(names) or "none"
+        raise CacheError(f"{len(names)} models are active ({listed}); choose one with --model")
+    return names[0]
+
+
+def _run(ctx: Context, args: argparse.Namespace) -> int:
+    model = ctx.store.load(_pick_model(ctx, args.model), args.version)
+    failures = 0
+    try:
+        for path in args.inputs:
+            record: dict[str, Any] = {"input": str(path), "model": model.name, "version": model.version}
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read(ctx.config.limits.max_image_bytes + 1)
+                prediction = model.predict_bytes(data)
+            except OSError as e:
+                failures += 1
+                record["error"] = f"cannot read input: {e.strerror}"
+            except EdgeRuntimeError as e:
+                failures += 1
+                record["error"] = e.one_line()
+            else:
+                result = prediction.results[0] if len(prediction.results) == 1 else prediction.results
+                record.update(result=result, latency_ms={k: round(v, 3) for k, v in prediction.timings_ms.items()})
+            # One JSON object per line: results stream as they are computed.
+            print(json.dumps(record, sort_keys=True), flush=True)
+            if "error" in record:
+                print(f"error: {path}: {record['error']}", file=sys.stderr)
+    finally:
+        model.close()
+    return 1 if failures else 0
+
+
+def _config_check(ctx: Context, args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    emit(ctx, {"ok": True, "state_dir": str(config.state_dir), "trust_dir": str(config.trust_dir)},
+         f"{args.file}: OK")
+    return 0
+
+
+def register(verbs: Any) -> None:
+    """Add ``run`` and ``config``."""
+    p = verb_parser(verbs, "run", "one-shot inference on image (.jpg/.png) or .npy files; JSON lines out")
+    p.add_argument("--model", default=None, help="model name (default: the only active model)")
+    p.add_argument("--model-version", dest="version", type=int, default=None, metavar="N",
+                   help="a cached version instead of the active one")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
+    p.set_defaults(handler=_run)
+
+    config = verbs.add_parser("config", help="configuration tools")
+    sub = config.add_subparsers(dest="config_verb", metavar="SUBVERB", required=True)
+    p = verb_parser(sub, "check", "validate a config file (unknown keys and bad values are errors)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(handler=_config_check)

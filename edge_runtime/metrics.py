@@ -1,0 +1,169 @@
+"""In-process metrics: counters, a latency histogram, percentiles, Prometheus text.
+
+One :class:`Metrics` instance is shared by every stage. Updates are a lock and
+a few integer adds (cheap on the hot path); reads build snapshots for
+``GET /metrics`` and MQTT telemetry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LATENCY_BUCKETS_MS", "Metrics", "ModelStats"]
+
+LATENCY_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0)
+_WINDOW = 1024  # latencies kept for percentiles and fps
+
+
+@dataclass
+class ModelStats:
+    """Counters of one model name (all versions), plus a recent-latency window."""
+
+    version: int = 0
+    inferences: int = 0
+    errors: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum_ms: float = 0.0
+    recent: collections.deque[tuple[float, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=_WINDOW)
+    )
+
+
+class Metrics:
+    """Thread-safe metrics registry. ``clock`` is monotonic seconds (injectable)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelStats] = {}
+        self._drops: collections.Counter[str] = collections.Counter()
+        self._source_errors: collections.Counter[str] = collections.Counter()
+        self._queue_depth: dict[str, int] = {}
+        self._events: collections.Counter[str] = collections.Counter()
+        self.started = clock()
+
+    def _model(self, name: str) -> ModelStats:
+        stats = self._models.get(name)
+        if stats is None:
+            stats = self._models[name] = ModelStats()
+        return stats
+
+    # ------------------------------------------------------------------ updates
+
+    def observe(self, model: str, latency_ms: float, ok: bool = True) -> None:
+        """Record one inference (its latency counts only when it succeeded)."""
+        now = self._clock()
+        with self._lock:
+            stats = self._model(model)
+            if not ok:
+                stats.errors += 1
+                return
+            stats.inferences += 1
+            stats.latency_sum_ms += latency_ms
+            stats.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+            stats.recent.append((now, latency_ms))
+
+    def set_version(self, model: str, version: int) -> None:
+        """The version now serving ``model``."""
+        with self._lock:
+            self._model(model).version = version
+
+    def drop(self, pipeline: str, n: int = 1) -> None:
+        """Frames a pipeline dropped (latest-frame policy)."""
+        with self._lock:
+            self._drops[pipeline] += n
+
+    def source_error(self, pipeline: str) -> None:
+        """A source failure (camera unplugged, stream ended, unreadable file)."""
+        with self._lock:
+            self._source_errors[pipeline] += 1
+
+    def queue_depth(self, pipeline: str, depth: int) -> None:
+        with self._lock:
+            self._queue_depth[pipeline] = depth
+
+    def event(self, kind: str) -> None:
+        """Count a lifecycle event (update, rollback, ...) by kind."""
+        with self._lock:
+            self._events[kind] += 1
+
+    # ------------------------------------------------------------------ reads
+
+    def model_summary(self, model: str, window_s: float = 60.0) -> dict[str, Any]:
+        """p50/p95/p99 and fps over the recent window, plus totals, for one model."""
+        now = self._clock()
+        with self._lock:
+            stats = self._models.get(model) or ModelStats()
+            recent = [lat for t, lat in stats.recent if now - t <= window_s]
+            out: dict[str, Any] = {"version": stats.version, "inferences": stats.inferences,
+                                   "errors": stats.errors}
+        if recent:
+            p50, p95, p99 = np.percentile(np.asarray(recent), [50, 95, 99])
+            out.update(p50_ms=round(float(p50), 3), p95_ms=round(float(p95), 3), p99_ms=round(float(p99), 3),
+                       fps=round(len(recent) / min(window_s, max(now - self.started, 1e-3)), 3))
+        else:
+            out.update(p50_ms=None, p95_ms=None, p99_ms=None, fps=0.0)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, for telemetry: per-model summaries, drops, errors, queues, uptime."""
+        with self._lock:
+            names = sorted(self._models)
+            drops, errors = dict(self._drops), dict(self._source_errors)
+            depth, events = dict(self._queue_depth), dict(self._events)
+        return {
+            "models": {n: self.model_summary(n) for n in names},
+            "drops": drops,
+            "source_errors": errors,
+            "queue_depth": depth,
+            "events": events,
+            "uptime_s": round(self._clock() - self.started, 3),
+        }
+
+    def render_prometheus(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+
+        with self._lock:
+            models = {n: (s.version, s.inferences, s.errors, list(s.buckets), s.latency_sum_ms)
+                      for n, s in sorted(self._models.items())}
+            drops, errors, depth = dict(self._drops), dict(self._source_errors), dict(self._queue_depth)
+        family("edge_inferences_total", "counter", "Successful inferences.")
+        lines += [f'edge_inferences_total{{model="{_esc(n)}"}} {m[1]}' for n, m in models.items()]
+        family("edge_inference_errors_total", "counter", "Failed inferences.")
+        lines += [f'edge_inference_errors_total{{model="{_esc(n)}"}} {m[2]}' for n, m in models.items()]
+        family("edge_model_version", "gauge", "Active model version per model name.")
+        lines += [f'edge_model_version{{model="{_esc(n)}"}} {m[0]}' for n, m in models.items()]
+        family("edge_inference_latency_ms", "histogram", "Inference latency in milliseconds.")
+        for n, (_, count, _, buckets, total) in models.items():
+            cumulative = 0
+            for bound, hits in zip((*LATENCY_BUCKETS_MS, float("inf")), buckets, strict=True):
+                cumulative += hits
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'edge_inference_latency_ms_bucket{{model="{_esc(n)}",le="{le}"}} {cumulative}')
+            lines.append(f'edge_inference_latency_ms_sum{{model="{_esc(n)}"}} {total:.6f}')
+            lines.append(f'edge_inference_latency_ms_count{{model="{_esc(n)}"}} {count}')
+        family("edge_frames_dropped_total", "counter", "Frames dropped because inference was busy.")
+        lines += [f'edge_frames_dropped_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(drops.items())]
+        family("edge_source_errors_total", "counter", "Source failures (reconnects, unreadable inputs).")
+        lines += [f'edge_source_errors_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(errors.items())]
+        family("edge_queue_depth", "gauge", "Frames waiting for inference.")
+        lines += [f'edge_queue_depth{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(depth.items())]
+        family("edge_uptime_seconds", "gauge", "Seconds since the daemon started.")
+        lines.append(f"edge_uptime_seconds {self._clock() - self.started:.3f}")
+        return "\n".join(lines) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
