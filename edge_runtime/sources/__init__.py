@@ -1,0 +1,190 @@
+"""Input sources for pipelines: one module per source type, chosen by ``SourceConfig.type``.
+
+A source yields ``(key, payload)`` items from :meth:`Source.items` until it
+ends or its stop event is set: ``bytes`` for files (JPEG/PNG/.npy, run with
+``InferenceService.predict_bytes``) or a BGR ``np.ndarray`` for captured frames
+(``predict_image``). The pipeline calls :meth:`Source.ack` once an item was
+processed, so a source can persist progress, and :meth:`Source.close` at the end.
+
+``lossy`` says what a full pipeline queue does with a new item: lossy sources
+(cameras, streams) drop the oldest frame (latest-frame policy); lossless ones
+(the folder) block until there is room, because every file must be processed.
+
+Types: ``folder`` (:mod:`.folder`), ``video`` / ``camera`` / ``rtsp``
+(:mod:`.capture`), ``none`` (no input: the model is served through the API
+only). Anything else is refused by :func:`build_source` at start-up.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..config import Limits, SourceConfig
+from ..errors import ConfigError
+from ..events import EventBus
+from ..metrics import Metrics
+
+__all__ = [
+    "SOURCE_TYPES",
+    "Item",
+    "NoSource",
+    "Payload",
+    "Source",
+    "SourceContext",
+    "build_source",
+]
+
+Payload = bytes | np.ndarray
+Item = tuple[str, Payload]
+SOURCE_TYPES = ("folder", "video", "camera", "rtsp", "none")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What every source reports to: its pipeline's name, metrics, events, and the stop event."""
+
+    pipeline: str
+    metrics: Metrics
+    events: EventBus
+    stop_event: threading.Event
+
+
+class Source(abc.ABC):
+    """Base of every source: the item iterator plus failure/recovery reporting.
+
+    Subclasses write :meth:`items`; they call :meth:`_failed` on every failed
+    attempt (each is counted in ``metrics.source_error``, but only the first of
+    an outage emits a ``source_failed`` event) and :meth:`_recovered` once data
+    flows again (one ``source_recovered`` event). ``label`` names the source in
+    logs and events and must never contain a secret.
+    """
+
+    lossy: ClassVar[bool] = False
+
+    def __init__(self, ctx: SourceContext, label: str) -> None:
+        self.ctx = ctx
+        self.label = label
+        self.stop_event = ctx.stop_event
+        self._down_since: float | None = None
+        self._failures = 0
+
+    @abc.abstractmethod
+    def items(self) -> Iterator[Item]:
+        """Yield ``(key, payload)`` until the source ends or ``stop_event`` is set.
+
+        Waits check ``stop_event`` at least every half second. Source failures
+        are reported and retried inside; an exception escaping here is a bug
+        (the pipeline reports it and stops being ``alive``).
+        """
+
+    def ack(self, key: str, error: str | None = None) -> None:  # noqa: B027 - optional hook
+        """``key`` was processed (``error``: why it failed, one line). Called from the worker thread."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the source holds; called once, after its iterator has finished."""
+
+    @property
+    def down(self) -> bool:
+        """True during an outage (between a failure and the next recovery)."""
+        return self._down_since is not None
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (woken at once by a stop); True when stopping."""
+        return self.stop_event.wait(max(0.0, seconds))
+
+    def _failed(self, reason: str) -> None:
+        """One failed attempt: counted always, an event only when the outage starts."""
+        self.ctx.metrics.source_error(self.ctx.pipeline)
+        self._failures += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            _log.warning("%s: source failed: %s (retrying)", self.label, reason)
+            self.ctx.events.emit("source_failed", reason=f"{self.label}: {reason}", pipeline=self.ctx.pipeline,
+                                 source=self.label)
+        else:
+            _log.debug("%s: still failing: %s", self.label, reason)
+
+    def _recovered(self) -> None:
+        """Data flows again: closes the outage with one event (no-op when not down)."""
+        if self._down_since is None:
+            return
+        outage = time.monotonic() - self._down_since
+        attempts, self._down_since, self._failures = self._failures, None, 0
+        _log.info("%s: source recovered after %.1f s (%d failed attempts)", self.label, outage, attempts)
+        self.ctx.events.emit("source_recovered", reason=f"{self.label}: recovered after {outage:.1f} s",
+                             pipeline=self.ctx.pipeline, source=self.label, outage_s=round(outage, 3),
+                             attempts=attempts)
+
+    def _bad_item(self, key: str, reason: str) -> None:
+        """One input that cannot be used (unreadable, oversized): counted and reported, per item."""
+        self.ctx.metrics.source_error(self.ctx.pipeline)
+        _log.warning("%s: skipping %s: %s", self.label, key, reason)
+        self.ctx.events.emit("source_error", reason=f"{key}: {reason}", pipeline=self.ctx.pipeline,
+                             source=self.label, key=key)
+
+
+class NoSource(Source):
+    """Type ``none``: yields nothing and ends at once (the model is served through the API only)."""
+
+    def items(self) -> Iterator[Item]:
+        """An empty iterator."""
+        return iter(())
+
+
+SourceFactory = Callable[[SourceConfig, SourceContext, Path, Limits], Source]
+
+
+def _folder(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
+    from .folder import FolderSource
+
+    return FolderSource.from_config(config, ctx, state_dir=state_dir, limits=limits)
+
+
+def _capture(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
+    from .capture import CaptureSource
+
+    return CaptureSource.from_config(config, ctx)
+
+
+def _none(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
+    return NoSource(ctx, "none")
+
+
+# Modules are imported on use: a folder-only device never loads the capture code.
+_FACTORIES: dict[str, SourceFactory] = {
+    "folder": _folder,
+    "video": _capture,
+    "camera": _capture,
+    "rtsp": _capture,
+    "none": _none,
+}
+
+
+def build_source(config: SourceConfig, *, state_dir: Path, pipeline_name: str, limits: Limits, metrics: Metrics,
+                 events: EventBus, stop_event: threading.Event) -> Source:
+    """The source ``config.type`` names, reporting as pipeline ``pipeline_name``.
+
+    The folder source keeps its progress in ``<state_dir>/sources/<pipeline>.db``.
+    Nothing is opened or read for capture sources until the pipeline starts.
+
+    Raises:
+        ConfigError: unknown type, or a setting the type needs is missing.
+        OSError: the folder source's state database cannot be created.
+    """
+    factory = _FACTORIES.get(config.type)
+    if factory is None:
+        raise ConfigError(f"unknown source type {config.type!r} for pipeline {pipeline_name!r} "
+                          f"(known: {', '.join(SOURCE_TYPES)})")
+    ctx = SourceContext(pipeline=pipeline_name, metrics=metrics, events=events, stop_event=stop_event)
+    return factory(config, ctx, state_dir, limits)
