@@ -22,6 +22,48 @@ Example (all sections shown with their defaults)::
     [backend]
     providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     threads = 0                 # intra-op threads; 0 = runtime default
+
+    [api]
+    enabled = true
+    listen = "127.0.0.1:8321"   # or "unix:/run/edge-runtime/api.sock"
+    max_request_bytes = 16777216
+    max_concurrency = 8
+
+    [activation]
+    probation_inferences = 50   # probation ends after N inferences ...
+    probation_seconds = 60.0    # ... or T seconds, whichever comes first
+    max_error_rate = 0.05
+    max_p95_ratio = 2.0         # candidate p95 vs the previous version's
+    p95_slack_ms = 2.0          # absolute slack on top of the ratio (tiny models are noisy)
+    max_boot_attempts = 3       # restarts during probation before reverting
+    drain_timeout_seconds = 30.0
+
+    [ota]
+    channel_url = ""            # signed channel document; "" disables polling
+    poll_seconds = 600.0
+    # ca_file = "/etc/edge-runtime/ca.pem"  # trust only this CA (instead of the system store)
+    allow_http = false          # plain http only when set (bundles are signed anyway)
+    connect_timeout_seconds = 10.0
+    read_timeout_seconds = 30.0
+    deadline_seconds = 1800.0
+    retries = 5
+    backoff_max_seconds = 300.0
+    max_channel_bytes = 65536
+
+    [[pipelines]]
+    model = "face"              # model name in the cache (required)
+    name = ""                   # default: the model name
+    results = "log"             # log | none (mqtt: see [mqtt])
+    [pipelines.source]
+    type = "folder"             # folder | video | camera | rtsp | none
+    path = "/var/lib/edge-runtime/inbox"   # folder or video file (type = folder / video)
+    camera = 0                  # camera index (type = camera)
+    url = ""                    # rtsp://... (type = rtsp); credentials are never logged
+    fps = 0.0                   # max rate; 0 = as fast as inference allows
+    poll_seconds = 0.5          # folder scan interval
+    loop = false                # restart a video file at its end
+    queue = 1                   # frames waiting; older ones are dropped (latest-frame policy)
+    reconnect_max_seconds = 30.0
 """
 
 from __future__ import annotations
@@ -37,9 +79,14 @@ from .typed_toml import build, load_toml
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "ActivationConfig",
+    "ApiConfig",
     "BackendConfig",
     "Config",
     "Limits",
+    "OtaConfig",
+    "PipelineConfig",
+    "SourceConfig",
     "TrustConfig",
     "load_config",
 ]
@@ -100,6 +147,93 @@ class BackendConfig:
     threads: int = field(default=0, metadata={"check": in_range(0, 256)})
 
 
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    return lambda v: "" if v in choices else f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}"
+
+
+def _listen(value: str) -> str:
+    if value.startswith("unix:"):
+        return "" if value[5:].startswith("/") else "unix socket path must be absolute (unix:/run/...)"
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"must be HOST:PORT or unix:/PATH, got {value!r}"
+    return ""
+
+
+def _url(*schemes: str) -> Callable[[Any], str]:
+    return lambda v: "" if not v or (v.split("://", 1)[0] in schemes and "://" in v) else (
+        f"must be a URL with scheme {' or '.join(schemes)}")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local inference API (Open Inference Protocol v2 paths + /metrics)."""
+
+    enabled: bool = True
+    listen: str = field(default="127.0.0.1:8321", metadata={"check": _listen})
+    max_request_bytes: int = field(default=16 << 20, metadata={"check": in_range(1024, 1 << 31)})
+    max_concurrency: int = field(default=8, metadata={"check": in_range(1, 256)})
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Probation after a swap, and the crash-loop guard."""
+
+    probation_inferences: int = field(default=50, metadata={"check": in_range(0, 10**9)})
+    probation_seconds: float = field(default=60.0, metadata={"check": in_range(0, 86400 * 30)})
+    max_error_rate: float = field(default=0.05, metadata={"check": in_range(0, 1)})
+    max_p95_ratio: float = field(default=2.0, metadata={"check": in_range(1, 1000)})
+    p95_slack_ms: float = field(default=2.0, metadata={"check": in_range(0, 1e6)})
+    max_boot_attempts: int = field(default=3, metadata={"check": in_range(1, 100)})
+    drain_timeout_seconds: float = field(default=30.0, metadata={"check": in_range(0.1, 3600)})
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    """Pulling signed bundles named by a signed channel document."""
+
+    channel_url: str = field(default="", metadata={"check": _url("https", "http")})
+    poll_seconds: float = field(default=600.0, metadata={"check": in_range(0.1, 86400 * 7)})
+    ca_file: Path | None = None
+    allow_http: bool = False
+    connect_timeout_seconds: float = field(default=10.0, metadata={"check": in_range(0.1, 600)})
+    read_timeout_seconds: float = field(default=30.0, metadata={"check": in_range(0.1, 3600)})
+    deadline_seconds: float = field(default=1800.0, metadata={"check": in_range(1, 86400)})
+    retries: int = field(default=5, metadata={"check": in_range(0, 100)})
+    backoff_max_seconds: float = field(default=300.0, metadata={"check": in_range(0, 86400)})
+    max_channel_bytes: int = field(default=64 << 10, metadata={"check": in_range(256, 16 << 20)})
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a pipeline's inputs come from."""
+
+    type: str = field(default="none", metadata={"check": _one_of("folder", "video", "camera", "rtsp", "none")})
+    path: Path | None = None
+    camera: int = field(default=0, metadata={"check": in_range(0, 63)})
+    url: str = field(default="", metadata={"check": _url("rtsp", "rtsps", "http", "https")})
+    fps: float = field(default=0.0, metadata={"check": in_range(0, 1000)})
+    poll_seconds: float = field(default=0.5, metadata={"check": in_range(0.01, 3600)})
+    loop: bool = False
+    queue: int = field(default=1, metadata={"check": in_range(1, 1000)})
+    reconnect_max_seconds: float = field(default=30.0, metadata={"check": in_range(0.1, 3600)})
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One model fed by one source; results go to the log (and MQTT when configured)."""
+
+    model: str
+    name: str = ""
+    results: str = field(default="log", metadata={"check": _one_of("log", "none")})
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+    @property
+    def label(self) -> str:
+        """The pipeline's name: ``name`` or the model name."""
+        return self.name or self.model
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration. Build it with :func:`load_config`."""
@@ -111,6 +245,22 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     trust: TrustConfig = field(default_factory=TrustConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    device_id: str = ""
+    api: ApiConfig = field(default_factory=ApiConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
+    pipelines: tuple[PipelineConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        labels = [p.label for p in self.pipelines]
+        if len(set(labels)) != len(labels):
+            raise ConfigError("pipelines: two pipelines share a name; set pipelines[].name")
+        for i, p in enumerate(self.pipelines):
+            src = p.source
+            if src.type in ("folder", "video") and src.path is None:
+                raise ConfigError(f"config key 'pipelines[{i}].source.path' is required for type {src.type!r}")
+            if src.type == "rtsp" and not src.url:
+                raise ConfigError(f"config key 'pipelines[{i}].source.url' is required for type 'rtsp'")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (CLI overrides)."""

@@ -19,7 +19,7 @@ from .loaded_model import LoadedModel
 from .manifest import GoldenCase
 from .preprocess import decode_image
 
-__all__ = ["GateReport", "LatencyStats", "check_gates", "measure_latency", "run_golden"]
+__all__ = ["GateReport", "LatencyStats", "check_gates", "golden_feeds", "measure_latency", "run_golden", "sample_feeds"]
 
 _MAX_GOLDEN_BYTES = 256 << 20
 
@@ -141,7 +141,7 @@ def check_gates(model: LoadedModel, runs: int = 30) -> GateReport:
         )
     latency = None
     if gates.latency_ms_p95 > 0:
-        feeds = golden_feeds(model, model.manifest.golden[0]) if total else _zeros(model)
+        feeds = sample_feeds(model)
         latency = measure_latency(lambda: model.infer(feeds), runs=runs)
         if latency.p95 > gates.latency_ms_p95:
             raise GateError(
@@ -150,7 +150,13 @@ def check_gates(model: LoadedModel, runs: int = 30) -> GateReport:
     return GateReport(total, passed, tuple(failures), latency)
 
 
-def _zeros(model: LoadedModel) -> dict[str, np.ndarray]:
-    return {
-        t.name: np.zeros([1 if d is None else d for d in t.shape], dtype=t.dtype) for t in model.backend.inputs
-    }
+def sample_feeds(model: LoadedModel) -> dict[str, np.ndarray]:
+    """A representative input: the first golden case, else a grey image through the
+    preprocessing (so dynamic sizes get the declared size), else zeros."""
+    if model.manifest.golden:
+        return golden_feeds(model, model.manifest.golden[0])
+    feeds = {t.name: np.zeros([1 if d is None else d for d in t.shape], dtype=t.dtype) for t in model.backend.inputs}
+    if model.preprocessor is not None:
+        grey = np.full((model.preprocessor.height, model.preprocessor.width, 3), 128, np.uint8)
+        feeds[model.preprocess_input.name] = model.image_to_tensor(grey)
+    return feeds

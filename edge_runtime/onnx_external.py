@@ -286,18 +286,38 @@ def find_external_data(path: Path, *, max_depth: int = MAX_DEPTH) -> list[Extern
     return walker.refs
 
 
+_CLEAN: set[tuple[int, int, int, int]] = set()
+_CLEAN_MAX = 1024
+
+
 def check_no_external_data(path: Path, *, name: str = "") -> None:
     """Refuse an ONNX model that keeps any tensor in an external file.
 
     ``name`` is how the model is called in the message (default: file name).
+
+    A file found clean is remembered by its identity (device, inode, size,
+    mtime): a cached model is scanned once at install, not at every reload,
+    because the pure-Python walk holds the GIL for tens of milliseconds and
+    would stall requests served during a hot swap.
 
     Raises:
         UnsafeBundleError: a tensor references external data.
         ManifestError: the file is not a well-formed ONNX model.
         BundleError: the file cannot be read.
     """
+    try:
+        st = path.stat()
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None
+    if identity is not None and identity in _CLEAN:
+        return
     refs = find_external_data(path)
     if not refs:
+        if identity is not None:
+            if len(_CLEAN) >= _CLEAN_MAX:
+                _CLEAN.clear()
+            _CLEAN.add(identity)
         return
     label = name or path.name
     first = refs[0]

@@ -3,7 +3,8 @@
 Decoding accepts only JPEG and PNG (their headers are checked for size before
 OpenCV decodes anything, so a pixel bomb is refused cheaply) and ``.npy``
 tensors (never pickles). All arithmetic is vectorised: OpenCV resize and
-colour conversion, then one fused multiply-add per channel in numpy.
+colour conversion, then one fused multiply-add per channel in numpy. OpenCV is
+imported on first use (about 15 MB of RSS), so tensor-only models never load it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import io
 import struct
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from .errors import InputError, ManifestError
@@ -103,6 +103,8 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise InputError(f"image has zero size ({width}x{height})")
     if width * height > max_pixels:
         raise InputError(f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel cap")
+    import cv2
+
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError("image data is corrupt (OpenCV could not decode it)")
@@ -173,6 +175,8 @@ class Preprocessor:
         return np.ascontiguousarray(tensor[None], dtype=self.dtype), box
 
     def _convert_colour(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
         if image.ndim == 2:
             return image if self.spec.color == "gray" else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         if self.spec.color == "rgb":
@@ -182,6 +186,8 @@ class Preprocessor:
         return image
 
     def _resize(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+        import cv2
+
         h, w = image.shape[:2]
         mode = self.spec.resize
         if (h, w) == (self.height, self.width):

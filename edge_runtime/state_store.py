@@ -85,6 +85,8 @@ class State:
 
     boot_count: int = 0
     models: Mapping[str, ModelState] = field(default_factory=dict)
+    #: Highest OTA channel-document sequence accepted (replay protection).
+    channel_sequence: int = 0
 
     def model(self, name: str) -> ModelState:
         """The state of ``name`` (a fresh :class:`ModelState` if never seen)."""
@@ -101,6 +103,7 @@ class State:
         doc = {
             "schema": STATE_SCHEMA,
             "boot_count": self.boot_count,
+            "channel_sequence": self.channel_sequence,
             "models": {k: dataclasses.asdict(v) for k, v in sorted(self.models.items())},
         }
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
@@ -164,7 +167,7 @@ def decode_state(data: bytes, where: str = STATE_FILE) -> State:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CacheError(f"{where}: state file is corrupt (not UTF-8 JSON: {e})") from e
-    top = _Obj(doc, where, ("schema", "boot_count", "models"))
+    top = _Obj(doc, where, ("schema", "boot_count", "models", "channel_sequence"))
     schema = top.int_("schema")
     if schema != STATE_SCHEMA:
         raise CacheError(f"{where}: state schema {schema} is not supported (expected {STATE_SCHEMA})")
@@ -182,7 +185,8 @@ def decode_state(data: bytes, where: str = STATE_FILE) -> State:
             pinned=f.opt_int("pinned"),
             probation=_probation(f.value("probation"), f"{mw}.probation"),
         )
-    return State(boot_count=top.int_("boot_count"), models=models)
+    sequence = top.int_("channel_sequence") if "channel_sequence" in top.obj else 0
+    return State(boot_count=top.int_("boot_count"), models=models, channel_sequence=sequence)
 
 
 class StateStore:

@@ -205,6 +205,9 @@ def _session_options(threads: int) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting after each run: the device's own application needs the cores,
+    # and spinning pools of two sessions (old + new during a swap) fight each other.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

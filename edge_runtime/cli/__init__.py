@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import EdgeRuntimeError
-from . import bundle_cmd, models_cmd, run_cmd
+from . import bundle_cmd, models_cmd, run_cmd, serve_cmd
 from .common import Context, add_common_options
 
 __all__ = ["build_parser", "main"]
 
-_VERB_MODULES = (bundle_cmd, models_cmd, run_cmd)
+_VERB_MODULES = (bundle_cmd, models_cmd, run_cmd, serve_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,178 @@
+"""The one place that wires the daemon: ordered start, reverse-order stop.
+
+Start: state dir + cache recovery -> events, metrics, inference service ->
+models (crash-loop guard, load, warm-up) -> local API -> pipelines -> OTA
+poller -> supervisor (probation ticks, sd_notify READY/WATCHDOG/STATUS).
+Stop (SIGTERM/SIGINT): the same in reverse; pipelines drain the item in flight,
+the API finishes its requests, then the models are released. SIGHUP re-reads
+which versions the cache marks active (after ``edge-runtime models ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .activation import Activator
+from .api_server import ApiServer
+from .config import Config
+from .events import EventBus
+from .fsutil import make_private_dir
+from .metrics import Metrics
+from .model_store import ModelStore
+from .ota import OtaUpdater
+from .pipeline import Pipeline
+from .sdnotify import Notifier
+from .serving import InferenceService
+from .sources import build_source
+
+__all__ = ["Component", "Daemon", "print_result"]
+
+_log = logging.getLogger(__name__)
+ResultSink = Callable[[dict[str, Any]], None]
+
+
+class Component(Protocol):
+    """A part started after the pipelines and stopped before them (OTA poller, MQTT link)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Default result sink: one JSON line per result on stdout, written whole."""
+    sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class Daemon:
+    """The running daemon: every part, started in order and stopped in reverse."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None,
+                 on_result: ResultSink | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.on_result = on_result or print_result
+        self.stop_event = threading.Event()
+        self._reload = threading.Event()
+        self.metrics = Metrics()
+        self.events = EventBus(config.state_dir / "events.jsonl")
+        self.store = ModelStore(config)
+        self.service = InferenceService(self.metrics)
+        self.activator = Activator(self.store, self.service, self.events, config.activation)
+        # Built even without a channel URL: the fleet `update {url}` command uses it too.
+        self.ota = OtaUpdater(config.ota, self.store, self.activator, self.events)
+        self.api: ApiServer | None = None
+        self.pipelines: list[Pipeline] = []
+        self.components: list[Component] = []
+        self._supervisor: threading.Thread | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start everything in order. Raises EdgeRuntimeError/OSError if a part cannot start."""
+        make_private_dir(self.config.state_dir)
+        for note in self.store.cache.recover():
+            self.events.emit("recovered", reason=note)
+        names = set(self.store.cache.names()) | {p.model for p in self.config.pipelines}
+        for name in sorted(names):
+            self.service.add_slot(name)
+            version = self.activator.boot(name)
+            self.notifier.status(f"{name}: {'v' + str(version) if version else 'no version loaded'}")
+        if self.config.api.enabled:
+            self.api = ApiServer(self.config.api, self.service, self.metrics)
+            self.api.start()
+            _log.info("inference API listening on %s", self.api.url)
+        for pipe_cfg in self.config.pipelines:
+            source = build_source(pipe_cfg.source, state_dir=self.config.state_dir, pipeline_name=pipe_cfg.label,
+                                  limits=self.config.limits, metrics=self.metrics, events=self.events,
+                                  stop_event=self.stop_event)
+            sink = self.on_result if pipe_cfg.results != "none" else None
+            pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events, sink)
+            pipeline.start()
+            self.pipelines.append(pipeline)
+        for component in (self.ota,):
+            component.start()
+            self.components.append(component)
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        self._started = True
+        self.events.emit("started", reason=f"serving {', '.join(sorted(names)) or 'no models'}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop in reverse order within about ``timeout`` seconds; safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        self.notifier.stopping()
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=2.0)
+        for component in reversed(self.components):
+            _guarded(f"stopping {type(component).__name__}", component.stop)
+        for pipeline in reversed(self.pipelines):
+            pipeline.stop(max(0.5, deadline - time.monotonic()))
+        if self.api is not None:
+            _guarded("stopping the API", self.api.stop)
+        for slot in self.service.slots.values():
+            slot.close()
+        self.events.emit("stopped", reason="clean shutdown")
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit code (0)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        # Hand the GIL over every 1 ms (default 5 ms): a model loading in the
+        # background then delays a request by at most ~1 ms per turn.
+        sys.setswitchinterval(0.001)
+        try:
+            self.start()
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            self.stop()
+        return 0
+
+    # ------------------------------------------------------------------ supervision
+
+    def alive(self) -> bool:
+        """True while the inference paths are alive (pipelines, API, components that report it)."""
+        parts: list[bool] = [p.alive for p in self.pipelines]
+        if self.api is not None:
+            parts.append(self.api.alive)
+        parts += [bool(getattr(c, "alive", True)) for c in self.components]
+        return all(parts)
+
+    def _supervise(self) -> None:
+        period = 0.5 if self.notifier.watchdog_seconds is None else min(0.5, self.notifier.watchdog_seconds / 3)
+        ready_sent = False
+        while not self.stop_event.wait(period):
+            _guarded("probation check", self.activator.tick)
+            if self._reload.is_set():
+                self._reload.clear()
+                _guarded("reload", self.activator.sync)
+            if not ready_sent and self.service.ready:
+                served = ", ".join(f"{n} v{s.version}" for n, s in sorted(self.service.slots.items()) if s.version)
+                ready_sent = self.notifier.ready(f"serving {served}") or True
+            if self.alive():
+                self.notifier.watchdog()
+            else:
+                _log.error("an inference thread died; withholding the watchdog ping")
+
+
+def _guarded(what: str, fn: Callable[[], object]) -> None:
+    """Run ``fn``; log (never raise) a failure, so one part cannot block shutdown or supervision."""
+    try:
+        fn()
+    except Exception:
+        _log.exception("%s failed", what)
