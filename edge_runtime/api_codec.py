@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) message bodies: tensors <-> numpy, JSON or binary.
 
-Pure functions, no I/O (the HTTP side is :mod:`edge_runtime.api_server`).
+Pure functions, no I/O (the HTTP side is :mod:`edge_runtime.api_handler`).
 :func:`decode_infer_request` turns an inference request body into numpy
 feeds and output choices, checked against the model's inputs and outputs;
 :func:`encode_infer_response` builds the reply; the other ``encode_*``
@@ -32,11 +32,10 @@ import numpy as np
 from .backends.base import TensorInfo
 from .errors import CacheError, EdgeRuntimeError, InferenceError, InputError, ModelError
 from .loaded_model import LoadedModel, Prediction
+from .oip_types import DATATYPES, datatype_of, oip_name
 
 __all__ = [
-    "DATATYPES",
     "InferRequest",
-    "datatype_of",
     "decode_infer_request",
     "dumps",
     "encode_error",
@@ -46,28 +45,8 @@ __all__ = [
     "status_of",
 ]
 
-#: OIP datatype name -> numpy dtype (BYTES, i.e. strings, is not supported).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(np_name)
-    for name, np_name in (
-        ("BOOL", "bool"), ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"),
-        ("INT8", "int8"), ("INT16", "int16"), ("INT32", "int32"), ("INT64", "int64"),
-        ("FP16", "float16"), ("FP32", "float32"), ("FP64", "float64"),
-    )
-}
-_NAMES: dict[np.dtype[Any], str] = {dt: name for name, dt in DATATYPES.items()}
 _MAX_RANK = 32
 _MAX_ERROR_CHARS = 300
-
-
-def _name(dt: np.dtype[Any]) -> str | None:
-    return _NAMES.get(dt.newbyteorder("="))  # '>f4' and '<f4' are both FP32
-
-
-def datatype_of(dtype: np.dtype[Any] | str) -> str:
-    """The OIP datatype name of a numpy dtype ("float32" -> "FP32"); unknown ones upper-cased."""
-    dt = np.dtype(dtype)
-    return _name(dt) or dt.name.upper()
 
 
 @dataclass(frozen=True)
@@ -134,7 +113,7 @@ def _check_datatype(where: str, dt: np.dtype[Any], info: TensorInfo) -> None:
     """The request's datatype must be the model's, or a float for a quantised input (quantised on the way in)."""
     if dt == np.dtype(info.dtype) or (info.quantization is not None and dt.kind == "f"):
         return
-    raise InputError(f"{where}: datatype {_NAMES[dt]} does not match the model's {datatype_of(info.dtype)}")
+    raise InputError(f"{where}: datatype {datatype_of(dt)} does not match the model's {datatype_of(info.dtype)}")
 
 
 def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...], count: int) -> np.ndarray:
@@ -153,18 +132,18 @@ def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...],
     allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dt.kind]
     if arr.dtype.kind not in allowed:
         kind = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}[dt.kind]
-        raise InputError(f"{where}: {_NAMES[dt]} 'data' must hold only {kind}")
+        raise InputError(f"{where}: {datatype_of(dt)} 'data' must hold only {kind}")
     if dt.kind in "iu":
         limits = np.iinfo(dt)
         if arr.min() < limits.min or arr.max() > limits.max:
-            raise InputError(f"{where}: values out of range for {_NAMES[dt]}")
+            raise InputError(f"{where}: values out of range for {datatype_of(dt)}")
         return arr.astype(dt).reshape(shape)
     if dt.kind == "b":
         return arr.reshape(shape)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(dt)
     if not np.isfinite(out).all():  # 1e400 parses as inf; 1e39 overflows FP32
-        raise InputError(f"{where}: values out of range for {_NAMES[dt]}")
+        raise InputError(f"{where}: values out of range for {datatype_of(dt)}")
     return out.reshape(shape)
 
 
@@ -232,7 +211,7 @@ def decode_infer_request(body: bytes, header_length: int | None, inputs: Mapping
             raise InputError(f"{where}: give either 'data' or parameters.binary_data_size, not both")
         if not isinstance(size, int) or isinstance(size, bool) or size != count * dt.itemsize:
             raise InputError(f"{where}: binary_data_size {size!r} is not {count * dt.itemsize} "
-                             f"(shape {list(shape)} of {_NAMES[dt]})")
+                             f"(shape {list(shape)} of {datatype_of(dt)})")
         if offset + size > len(binary):
             raise InputError(f"{where}: binary data ends {offset + size - len(binary)} bytes short")
         feeds[name] = _from_binary(where, binary[offset:offset + size], dt, shape)
@@ -292,7 +271,7 @@ def encode_infer_response(model_name: str, version: int, request: InferRequest,
         arr = outputs.get(name)
         if arr is None:
             raise InferenceError(f"the model returned no output {name!r}")
-        datatype = _name(arr.dtype)
+        datatype = oip_name(arr.dtype)
         if datatype is None:
             raise InferenceError(f"output {name!r} has dtype {arr.dtype}, which the protocol cannot carry")
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
@@ -315,11 +294,8 @@ def encode_infer_response(model_name: str, version: int, request: InferRequest,
 
 
 def encode_model_metadata(model: LoadedModel) -> bytes:
-    """Model metadata (:meth:`LoadedModel.describe`) with OIP datatype names ("FP32", not "float32")."""
-    meta = model.describe()
-    for tensor in (*meta["inputs"], *meta["outputs"]):
-        tensor["datatype"] = datatype_of(tensor["datatype"])
-    return dumps(meta)
+    """Model metadata (:meth:`LoadedModel.describe`)."""
+    return dumps(model.describe())
 
 
 def encode_prediction(model_name: str, version: int, prediction: Prediction) -> bytes:

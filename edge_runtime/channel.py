@@ -24,7 +24,6 @@ The same sequence again is accepted: polling twice is not a replay.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +34,7 @@ from urllib.parse import urljoin, urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import IncompatibleError, ManifestError
+from .manifest import NAME_PATTERN, is_sha256_hex, is_valid_name
 from .requirements_check import format_timestamp, parse_timestamp
 from .signing import verify_threshold
 
@@ -51,9 +51,6 @@ __all__ = [
 CHANNEL_SCHEMA = 1
 CHANNEL_FILE = "channel.json"
 SIGNATURE_FILE = "channel.json.sig"
-# Model names follow the manifest's rule, so a channel can only name installable models.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_MODELS = 256
 _MAX_URL = 2048
 _MAX_INT = 2**53  # what every JSON implementation reads exactly
@@ -228,8 +225,8 @@ def _decode(data: bytes) -> tuple[int, datetime, dict[str, ChannelEntry]]:
         raise ManifestError(f"channel.models must be an object with at most {_MAX_MODELS} entries")
     entries: dict[str, ChannelEntry] = {}
     for name, raw in models.items():
-        if not _NAME_RE.fullmatch(name):
-            raise ManifestError(f"channel.models name {name[:80]!r} must match {_NAME_RE.pattern}")
+        if not is_valid_name(name):  # the manifest's rule: a channel can only name installable models
+            raise ManifestError(f"channel.models name {name[:80]!r} must match {NAME_PATTERN.pattern}")
         where = f"channel.models[{name!r}]"
         entry = _fields(raw, where, ("version", "url", "sha256", "size"))
         url = _str(entry, "url", where)
@@ -239,7 +236,7 @@ def _decode(data: bytes) -> tuple[int, datetime, dict[str, ChannelEntry]]:
         if scheme and scheme not in ("http", "https"):
             raise ManifestError(f"{where}.url must be http(s) or relative, not {scheme}:")
         sha256 = _str(entry, "sha256", where)
-        if not _SHA256_RE.fullmatch(sha256):
+        if not is_sha256_hex(sha256):
             raise ManifestError(f"{where}.sha256 must be 64 lowercase hex digits")
         entries[name] = ChannelEntry(
             version=_int(entry, "version", where, 1, _MAX_INT),

@@ -22,6 +22,7 @@ from .config import Limits
 from .errors import InputError, IntegrityError, SignatureMismatchError
 from .fsutil import sha256_file
 from .manifest import Manifest, TensorSpec
+from .oip_types import datatype_of
 from .postprocess import Postprocessor, parse_labels
 from .preprocess import Preprocessor, decode_image, is_npy, load_npy
 
@@ -144,11 +145,11 @@ class LoadedModel:
         return {k: dequantize(v, self._outputs[k]) if k in self._outputs else v for k, v in outputs.items()}
 
     def describe(self) -> dict[str, Any]:
-        """Model metadata in Open Inference Protocol shape (name, versions, I/O)."""
+        """Model metadata in Open Inference Protocol shape (name, versions, I/O; datatypes like "FP32")."""
 
         def tensors(infos: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
-            return [{"name": t.name, "datatype": t.dtype, "shape": [-1 if d is None else d for d in t.shape]}
-                    for t in infos]
+            return [{"name": t.name, "datatype": datatype_of(t.dtype),
+                     "shape": [-1 if d is None else d for d in t.shape]} for t in infos]
 
         return {
             "name": self.name,

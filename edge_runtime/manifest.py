@@ -19,6 +19,7 @@ from .errors import ManifestError
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "NAME_PATTERN",
     "FileEntry",
     "Gates",
     "GoldenCase",
@@ -28,6 +29,8 @@ __all__ = [
     "Requires",
     "StagedBundle",
     "TensorSpec",
+    "is_sha256_hex",
+    "is_valid_name",
     "parse_manifest",
     "validate_member_path",
 ]
@@ -41,10 +44,22 @@ COLOR_ORDERS = ("rgb", "bgr", "gray")
 POSTPROCESS_TYPES = ("raw", "classification")
 ACTIVATIONS = ("none", "softmax", "sigmoid")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Model names (and hardware tags): one safe path component. The cache, the state file
+#: and channel documents use the same rule, so every name they hold is installable.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_FILES = 256
+
+
+def is_valid_name(name: object) -> bool:
+    """True when ``name`` is a string that :data:`NAME_PATTERN` matches in full (no trailing newline)."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+def is_sha256_hex(value: object) -> bool:
+    """True when ``value`` is a sha256 digest as manifests and channels write it: 64 lowercase hex digits."""
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
 def validate_member_path(path: str) -> str:
@@ -347,8 +362,8 @@ def parse_manifest(data: bytes) -> Manifest:
     if schema != SCHEMA_VERSION:
         raise ManifestError(f"manifest.schema {schema} is not supported (expected {SCHEMA_VERSION})")
     name = f.str_("name", _REQUIRED)
-    if not _NAME_RE.match(name):
-        raise ManifestError(f"manifest.name {name!r} must match {_NAME_RE.pattern}")
+    if not is_valid_name(name):
+        raise ManifestError(f"manifest.name {name!r} must match {NAME_PATTERN.pattern}")
 
     files_raw = f._get("files", _REQUIRED)
     if not isinstance(files_raw, dict) or not 1 <= len(files_raw) <= _MAX_FILES:
@@ -360,7 +375,7 @@ def parse_manifest(data: bytes) -> Manifest:
             raise ManifestError(f"manifest.files must not list {path!r}")
         ef = _Fields(entry_raw, f"manifest.files[{path!r}]")
         sha = ef.str_("sha256", _REQUIRED)
-        if not _SHA256_RE.match(sha):
+        if not is_sha256_hex(sha):
             raise ManifestError(f"manifest.files[{path!r}].sha256 must be 64 lowercase hex digits")
         files[path] = FileEntry(sha, ef.int_("size", _REQUIRED, 0, 2**48))
         ef.finish()
@@ -374,7 +389,7 @@ def parse_manifest(data: bytes) -> Manifest:
     gates_f.finish()
     req_f = _Fields(f._get("requires", {}), "requires")
     hardware = req_f.list_("hardware")
-    if not all(isinstance(h, str) and _NAME_RE.match(h) for h in hardware):
+    if not all(is_valid_name(h) for h in hardware):
         raise ManifestError("requires.hardware must be a list of tag strings")
     requires = Requires(runtime=req_f.str_("runtime"), hardware=tuple(hardware))
     req_f.finish()

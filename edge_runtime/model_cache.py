@@ -11,9 +11,9 @@ Layout under the state dir (directories 0700, files 0600)::
 Crash safety: every change is one rename (version dir into place, a link swap,
 a version dir into the trash) then an fsync of its directory, ordered so that
 any prefix of an operation leaves a complete, hash-valid version active;
-:meth:`ModelCache.recover` removes leftovers and repairs links at start-up.
-Links are read with ``os.readlink`` and must name a bare decimal version; they
-are never followed, so a planted link cannot lead out of the state dir.
+:meth:`ModelCache.recover` removes leftovers and repairs links at start-up
+(:mod:`edge_runtime.cache_recovery`). Paths and links are
+:mod:`edge_runtime.cache_layout`'s; this module holds the policy.
 """
 
 from __future__ import annotations
@@ -21,25 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache_layout import CacheLayout, Fault, cache_errors, check_hashes, check_layout, read_link
+from .cache_recovery import recover_cache
 from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError, RollbackError
-from .fsutil import (
-    fsync_dir,
-    fsync_tree,
-    list_files,
-    make_private_dir,
-    read_capped,
-    remove_tree,
-    replace_symlink,
-    sha256_file,
-)
+from .fsutil import fsync_dir, fsync_tree, read_capped, remove_tree
 from .manifest import Manifest, StagedBundle, parse_manifest
-from .state_store import State, StateStore
+from .state_store import StateStore
 
 __all__ = [
     "ACTIVATE_STEPS",
@@ -54,8 +45,6 @@ __all__ = [
 
 Check = Callable[[Path, Manifest], None]
 """``check(directory, manifest)``: load and gate a candidate; raise to refuse it."""
-Fault = Callable[[str], None]
-"""``fault(step)``: test hook called at each named step of the *_STEPS tuples."""
 
 _LINK_STEPS = ("previous-linked", "previous-set", "active-linked", "active-set")
 GC_STEPS = ("gc:trashed", "gc:removed")
@@ -68,10 +57,6 @@ INSTALL_STEPS = (
 ACTIVATE_STEPS = tuple(f"activate:{s}" for s in _LINK_STEPS)
 ROLLBACK_STEPS = tuple(f"rollback:{s}" for s in _LINK_STEPS)
 
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,15}$")
-# Same rule as manifest.name: every model name is a safe single path component.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_META = ("manifest.json", "manifest.sig")
 _log = logging.getLogger(__name__)
 
 
@@ -90,48 +75,6 @@ class ModelInfo:
 
 def _no_fault(step: str) -> None:
     pass
-
-
-@contextlib.contextmanager
-def _os_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise CacheError(f"{what}: {e.strerror or e}") from e
-
-
-def _read_link(link: Path) -> int | None:
-    """The version ``link`` names, None if there is no link; CacheError if corrupt."""
-    try:
-        # os.readlink, not Path.readlink: Path would normalise './3' or '3/' to '3'.
-        target = os.readlink(link)  # noqa: PTH115
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CacheError(f"{link} is corrupt: not a symlink ({e.strerror})") from e
-    if not _VERSION_RE.match(target):
-        raise CacheError(f"{link} is corrupt: target {target!r} is not a bare version number")
-    return int(target)
-
-
-def _check_layout(root: Path, manifest: Manifest) -> None:
-    """``root`` holds exactly the listed files (sizes match) plus manifest.json/.sig."""
-    try:
-        found = list_files(root)
-    except OSError as e:
-        raise IntegrityError(f"{e.filename or root}: {e.strerror or e}") from e
-    expected = {**{m: found.get(m, -1) for m in _META}, **{k: v.size for k, v in manifest.files.items()}}
-    for rel in sorted(set(expected) | set(found)):
-        if rel not in expected:
-            raise IntegrityError(f"{root / rel}: not listed in the manifest")
-        if rel not in found:
-            raise IntegrityError(f"{root / rel}: missing")
-        if found[rel] != expected[rel]:
-            raise IntegrityError(f"{root / rel}: size {found[rel]} differs from declared {expected[rel]}")
-
-
-def _raise_floor(state: State, name: str, version: int) -> State:
-    return state if state.model(name).highest >= version else state.with_model(name, highest=version)
 
 
 class ModelCache:
@@ -159,47 +102,35 @@ class ModelCache:
         self.keep_versions = keep_versions
         self.state = StateStore(state_dir)
         self.state_dir = state_dir
-        self._models, self._staging = state_dir / "models", state_dir / "staging"
         self._fault = fault or _no_fault
         self._max_manifest = max_manifest_bytes
-        for d in (self._models, self._staging):
-            with _os_errors(f"cache dir {d} is unusable"):
-                make_private_dir(d)
+        self._layout = CacheLayout(state_dir, self._fault)
 
     # ------------------------------------------------------------------ queries
 
     def staging_root(self) -> Path:
         """Where the bundle reader creates its ``<unique>/`` staging dirs."""
-        return self._staging
+        return self._layout.staging
 
     def names(self) -> list[str]:
         """Model names present in the cache, sorted."""
-        with _os_errors(f"cannot list {self._models}"), os.scandir(self._models) as it:
-            return sorted(e.name for e in it if _NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+        return self._layout.names()
 
     def versions(self, name: str) -> list[int]:
         """Installed versions of ``name`` ascending (real dirs named by a decimal version)."""
-        ndir = self._name_dir(name)
-        if not ndir.is_dir() or ndir.is_symlink():
-            return []
-        with _os_errors(f"cannot list {ndir}"), os.scandir(ndir) as it:
-            return sorted(
-                int(e.name) for e in it if _VERSION_RE.match(e.name) and e.is_dir(follow_symlinks=False)
-            )
+        return self._layout.versions(name)
 
     def version_dir(self, name: str, version: int) -> Path:
         """The directory of ``name`` ``version``, existing or not. Raises CacheError if either is invalid."""
-        if isinstance(version, bool) or not isinstance(version, int) or not _VERSION_RE.match(str(version)):
-            raise CacheError(f"model version {version!r} is not valid")
-        return self._name_dir(name) / str(version)
+        return self._layout.version_dir(name, version)
 
     def active_version(self, name: str) -> int | None:
         """The active version or None. Raises CacheError if the link is corrupt or dangling."""
-        return self._link_version(name, "active")
+        return self._layout.link_version(name, "active")
 
     def previous_version(self, name: str) -> int | None:
         """The version ``rollback()`` returns to, or None. Raises CacheError like active_version."""
-        return self._link_version(name, "previous")
+        return self._layout.link_version(name, "previous")
 
     def floor(self, name: str) -> int:
         """The anti-rollback floor: the highest version ever installed, 0 if none.
@@ -217,7 +148,7 @@ class ModelCache:
             CacheError: the version is not in the cache.
             IntegrityError: unreadable, too large, invalid, or for another name/version.
         """
-        path = self._require_cached(name, version) / "manifest.json"
+        path = self._layout.require_cached(name, version) / "manifest.json"
         try:
             manifest = parse_manifest(read_capped(path, self._max_manifest))
         except OSError as e:
@@ -236,16 +167,10 @@ class ModelCache:
             IntegrityError: a file is missing, extra, a link, unreadable, or its
                 size or sha256 differs (bit rot); the message names the file.
         """
-        vdir = self._require_cached(name, version)
+        vdir = self._layout.require_cached(name, version)
         manifest = self.manifest(name, version)
-        _check_layout(vdir, manifest)
-        for rel, entry in sorted(manifest.files.items()):
-            try:
-                digest, size = sha256_file(vdir / rel)
-            except OSError as e:
-                raise IntegrityError(f"{vdir / rel}: unreadable: {e.strerror or e}") from e
-            if (digest, size) != (entry.sha256, entry.size):
-                raise IntegrityError(f"{vdir / rel}: sha256 does not match the manifest (bit rot?)")
+        check_layout(vdir, manifest)
+        check_hashes(vdir, manifest)
 
     def verify_all(self) -> list[tuple[str, int, EdgeRuntimeError | None]]:
         """``verify_version`` each cached version: (name, version, error or None)."""
@@ -267,7 +192,7 @@ class ModelCache:
             problems = []
             for which in links:
                 try:
-                    links[which] = self._link_version(name, which)
+                    links[which] = self._layout.link_version(name, which)
                 except CacheError as e:
                     problems.append(e.one_line())
             versions = tuple(self.versions(name))
@@ -298,24 +223,24 @@ class ModelCache:
         """
         manifest = staged.manifest
         name, version = manifest.name, manifest.version
-        src, top = self._staged_paths(staged.directory)
+        src, top = self._layout.staged_paths(staged.directory)
         renamed = False
         try:
             self._refuse_rollback(name, version)
-            _check_layout(src, manifest)
-            with _os_errors(f"cannot read {src / 'manifest.json'}"):
+            check_layout(src, manifest)
+            with cache_errors(f"cannot read {src / 'manifest.json'}"):
                 on_disk = (src / "manifest.json").read_bytes()
             if on_disk != staged.manifest_bytes or parse_manifest(on_disk) != manifest:
                 raise IntegrityError(f"{src / 'manifest.json'}: differs from the verified manifest")
             if check is not None:
                 check(src, manifest)
             self._fault("install:checked")
-            with _os_errors(f"cannot sync {src}"):
+            with cache_errors(f"cannot sync {src}"):
                 fsync_tree(src, 0o600, 0o700)
             self._fault("install:synced")
-            with self.state.locked(), _os_errors(f"cannot install {name} v{version}"):
+            with self.state.locked(), cache_errors(f"cannot install {name} v{version}"):
                 self._refuse_rollback(name, version)
-                ndir = self._make_name_dir(name)
+                ndir = self._layout.make_name_dir(name)
                 if os.path.lexists(ndir / str(version)):
                     raise CacheError(f"{ndir / str(version)} already exists")
                 src.rename(ndir / str(version))
@@ -326,7 +251,7 @@ class ModelCache:
                 self._fault("install:dir-synced")
                 # Only after the rename: a floor raised for a version that never
                 # landed would lock the device out of that version for good.
-                self.state.update(lambda s: _raise_floor(s, name, version))
+                self.state.update(lambda s: s.with_floor_raised(name, version))
                 self._fault("install:floor-raised")
                 if activate:
                     self._switch(name, version, "install")
@@ -359,7 +284,7 @@ class ModelCache:
         if check is not None:
             check(self.version_dir(name, version), self.manifest(name, version))
         with self.state.locked():
-            self._require_cached(name, version)  # gc may have run while check did
+            self._layout.require_cached(name, version)  # gc may have run while check did
             self._switch(name, version, "activate")
 
     def rollback(self, name: str, version: int | None = None) -> int:
@@ -384,7 +309,7 @@ class ModelCache:
         """Protect a cached version from gc (None unpins). Raises CacheError if it is not cached."""
         with self.state.locked():
             if version is not None:
-                self._require_cached(name, version)
+                self._layout.require_cached(name, version)
             self.state.update(lambda s: s.with_model(name, pinned=version))
 
     def gc(self, name: str) -> list[int]:
@@ -394,7 +319,7 @@ class ModelCache:
         versions; deletes nothing while a link is corrupt.
         Raises CacheError: the state is corrupt or the file system failed.
         """
-        with self.state.locked(), _os_errors(f"cannot collect old versions of {name}"):
+        with self.state.locked(), cache_errors(f"cannot collect old versions of {name}"):
             try:
                 keep = {self.active_version(name), self.previous_version(name)}
             except CacheError:
@@ -405,7 +330,7 @@ class ModelCache:
                 keep |= {model.probation.version, model.probation.previous}
             versions = self.versions(name)
             keep |= set(versions[-self.keep_versions :])
-            ndir, removed = self._name_dir(name), []
+            ndir, removed = self._layout.name_dir(name), []
             for version in (v for v in versions if v not in keep):
                 # Rename first: a crash mid-delete leaves a dot-entry that
                 # recover() removes, never a half-deleted "version" dir.
@@ -429,164 +354,25 @@ class ModelCache:
         Call it before other processes use the state dir (staging is emptied).
         Raises CacheError: the state file is corrupt or the file system failed.
         """
-        notes: list[str] = []
-        with self.state.locked(), _os_errors("cannot recover the model cache"):
-            with os.scandir(self._staging) as it:
-                for entry in sorted(it, key=lambda e: e.name):
-                    remove_tree(Path(entry.path))
-                    notes.append(f"removed staging leftover {entry.name}")
-            fsync_dir(self._staging)
-            with os.scandir(self.state_dir) as it:
-                for entry in it:
-                    temp = entry.name[:1] == "." and entry.name.endswith(".tmp")
-                    if temp and not entry.is_dir(follow_symlinks=False):
-                        Path(entry.path).unlink()
-                        notes.append(f"removed stray temp file {entry.name}")
-            with os.scandir(self._models) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            for entry in entries:
-                if _NAME_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
-                    notes += self._recover_name(entry.name)
-                else:
-                    notes.append(f"ignored unexpected entry models/{entry.name}")
-        return notes
+        return recover_cache(self._layout, self.state, self.verify_version)
 
     # ------------------------------------------------------------------ helpers
 
-    def _recover_name(self, name: str) -> list[str]:
-        ndir, notes = self._name_dir(name), []
-        with os.scandir(ndir) as it:
-            stray = [e.name for e in it if e.name.startswith(".")]
-        for entry in stray:
-            remove_tree(ndir / entry)
-            notes.append(f"{name}: removed stray {entry}")
-        versions = self.versions(name)
-        problem = self._active_problem(name, versions)
-        if problem:
-            chosen = self._best_valid(name, versions)
-            if chosen is not None:
-                self._set_link(ndir, "active", chosen, "recover")
-                notes.append(f"{name}: {problem}; activated version {chosen}")
-            elif os.path.lexists(ndir / "active"):
-                remove_tree(ndir / "active")
-                notes.append(f"{name}: {problem}; no valid version left, none active")
-        reason = ""
-        try:
-            prev = _read_link(ndir / "previous")
-            if prev is not None and prev not in versions:
-                reason = f"previous -> {prev} is dangling"
-            elif prev is not None and prev == _read_link(ndir / "active"):
-                reason = f"previous is the active version {prev}"
-        except CacheError as e:
-            reason = e.one_line()
-        if reason:
-            remove_tree(ndir / "previous")
-            notes.append(f"{name}: removed previous link ({reason})")
-        fsync_dir(ndir)
-        top = max(versions, default=0)
-        if self.state.load().model(name).highest < top:
-            self.state.update(lambda s: _raise_floor(s, name, top))
-            notes.append(f"{name}: raised anti-rollback floor to installed version {top}")
-        return notes
-
-    def _active_problem(self, name: str, versions: list[int]) -> str:
-        """Why ``active`` needs repair, or "" if it is valid (or rightly absent)."""
-        try:
-            active = _read_link(self._name_dir(name) / "active")
-        except CacheError as e:
-            return e.one_line()
-        if active is None:
-            return "no active version" if versions else ""
-        if active not in versions:
-            return f"active -> {active} is dangling"
-        try:
-            self.verify_version(name, active)
-        except EdgeRuntimeError as e:
-            return f"active version {active} is invalid ({e.one_line()})"
-        return ""
-
-    def _best_valid(self, name: str, versions: list[int]) -> int | None:
-        """``previous`` if it verifies, else the highest version that does."""
-        try:
-            previous = _read_link(self._name_dir(name) / "previous")
-        except CacheError:
-            previous = None
-        candidates = ([previous] if previous is not None and previous in versions else []) + versions[::-1]
-        for version in candidates:
-            try:
-                self.verify_version(name, version)
-                return version
-            except EdgeRuntimeError:
-                continue
-        return None
-
     def _switch(self, name: str, target: int, op: str) -> None:
         """Under the lock: previous -> current active, then active -> ``target``."""
-        ndir = self._name_dir(name)
+        ndir = self._layout.name_dir(name)
         try:
-            old = _read_link(ndir / "active")
+            old = read_link(ndir / "active")
         except CacheError:
             old = None  # a corrupt link holds nothing worth keeping as previous
         if old == target:
             return
-        with _os_errors(f"cannot activate {name} v{target}"):
-            if old is not None and self._is_version_dir(name, old):
-                self._set_link(ndir, "previous", old, op)
-            self._set_link(ndir, "active", target, op)
-
-    def _set_link(self, ndir: Path, which: str, version: int, op: str) -> None:
-        link = ndir / which
-        if link.is_dir() and not link.is_symlink():
-            remove_tree(link)  # a real dir where the link belongs: rename cannot replace it
-        replace_symlink(link, str(version), lambda: self._fault(f"{op}:{which}-linked"))
-        self._fault(f"{op}:{which}-set")
-
-    def _link_version(self, name: str, which: str) -> int | None:
-        version = _read_link(self._name_dir(name) / which)
-        if version is not None and not self._is_version_dir(name, version):
-            raise CacheError(f"{self._name_dir(name) / which} is dangling: version {version} is not cached")
-        return version
-
-    def _is_version_dir(self, name: str, version: int) -> bool:
-        try:
-            return stat.S_ISDIR(os.lstat(self.version_dir(name, version)).st_mode)
-        except FileNotFoundError:
-            return False
-
-    def _require_cached(self, name: str, version: int) -> Path:
-        if not self._is_version_dir(name, version):
-            raise CacheError(f"{name} version {version} is not in the cache")
-        return self.version_dir(name, version)
+        with cache_errors(f"cannot activate {name} v{target}"):
+            if old is not None and self._layout.is_version_dir(name, old):
+                self._layout.set_link(ndir, "previous", old, op)
+            self._layout.set_link(ndir, "active", target, op)
 
     def _refuse_rollback(self, name: str, version: int) -> None:
         floor = self.floor(name)
         if version <= floor:
             raise RollbackError(f"{name} version {version} is not above the anti-rollback floor {floor}")
-
-    def _name_dir(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise CacheError(f"model name {name!r} is not valid")
-        return self._models / name
-
-    def _make_name_dir(self, name: str) -> Path:
-        ndir = self._name_dir(name)
-        if not os.path.lexists(ndir):
-            make_private_dir(ndir)
-            fsync_dir(self._models)
-        elif ndir.is_symlink() or not ndir.is_dir():
-            raise CacheError(f"{ndir} is not a directory")
-        return ndir
-
-    def _staged_paths(self, directory: Path) -> tuple[Path, Path]:
-        """(the staged dir, the ``staging/<unique>`` entry holding it), else CacheError."""
-        root = Path(os.path.realpath(self._staging))
-        # Resolve the parent only: the staged dir itself must be a real dir, not a link.
-        src = Path(os.path.realpath(directory.parent)) / directory.name
-        if (
-            directory.name in ("", ".", "..")
-            or root not in src.parents
-            or src.is_symlink()
-            or not src.is_dir()
-        ):
-            raise CacheError(f"staged bundle {directory} is not a directory under {self._staging}")
-        return src, root / src.relative_to(root).parts[0]

@@ -22,7 +22,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 from .errors import CacheError
 from .fsutil import atomic_write, make_private_dir, read_capped
+from .manifest import is_valid_name
 
 __all__ = [
     "LOCK_FILE",
@@ -48,8 +48,6 @@ STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 MAX_STATE_BYTES = 4 << 20
 _MAX_INT = 2**53
-# Same rule as manifest.name, so every name in the state can be a directory name.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -97,6 +95,10 @@ class State:
         models = dict(self.models)
         models[name] = dataclasses.replace(self.model(name), **changes)
         return dataclasses.replace(self, models=models)
+
+    def with_floor_raised(self, name: str, version: int) -> State:
+        """This state if ``name``'s anti-rollback floor is already at least ``version``, else a raised copy."""
+        return self if self.model(name).highest >= version else self.with_model(name, highest=version)
 
     def to_json(self) -> bytes:
         """The on-disk form: sorted, indented JSON with the schema number."""
@@ -176,7 +178,7 @@ def decode_state(data: bytes, where: str = STATE_FILE) -> State:
         raise CacheError(f"{where}.models must be a JSON object")
     models: dict[str, ModelState] = {}
     for name, raw in models_raw.items():
-        if not _NAME_RE.match(name):
+        if not is_valid_name(name):  # manifest.name's rule: every name in the state is a directory name
             raise CacheError(f"{where}.models has an invalid model name {name!r}")
         mw = f"{where}.models[{name!r}]"
         f = _Obj(raw, mw, ("highest", "pinned", "probation"))

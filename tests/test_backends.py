@@ -114,7 +114,7 @@ def test_unknown_format_names_it_and_the_known_ones(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     assert set(backends.__all__) == {
-        "FORMATS", "Backend", "BackendOptions", "FeedValidator", "TensorInfo",
+        "FORMATS", "Backend", "BackendOptions", "TensorInfo",
         "create_backend", "dequantize", "quantize",
     }
     assert backends.FORMATS == ("onnx", "tflite")

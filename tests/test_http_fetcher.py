@@ -20,7 +20,8 @@ from http_fault_server import FaultServer, Route, TlsFiles, make_tls
 
 from edge_runtime.config import OtaConfig
 from edge_runtime.errors import ConfigError, FetchError, IntegrityError, SizeLimitError
-from edge_runtime.http_fetcher import Fetcher, HttpFetcher, Response, redact_url
+from edge_runtime.fetcher import Fetcher, Response, redact_url
+from edge_runtime.http_fetcher import HttpFetcher
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()

@@ -227,7 +227,7 @@ class FlakyBackend(Backend):
         self.real, self.failures = real, failures
         self.format, self.inputs, self.outputs = real.format, real.inputs, real.outputs
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.failures > 0:
             self.failures -= 1
             raise InferenceError("runtime failed: simulated")

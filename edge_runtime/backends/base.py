@@ -2,9 +2,12 @@
 
 A backend never pre/post-processes: ``infer`` takes and returns exactly the
 tensors the runtime sees, so its output can be compared bit for bit with the
-bare runtime. Quantisation to/from the model's int8/uint8 tensors is done by
-:func:`quantize` / :func:`dequantize` with the scale and zero point the
-backend reports in :class:`TensorInfo`.
+bare runtime. :meth:`Backend.infer` is a template: it checks the feeds against
+the model's inputs (raising InputError) and then calls the backend's private
+``_run`` hook, so every runtime gets the same check and the same errors.
+
+Quantisation to/from the model's int8/uint8 tensors is done by :func:`quantize` / :func:`dequantize`
+with the scale and zero point the backend reports in :class:`TensorInfo`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn, final
 
 import numpy as np
+
+from ..errors import InputError, ModelLoadError
 
 __all__ = ["Backend", "BackendOptions", "TensorInfo", "dequantize", "quantize"]
 
@@ -50,32 +56,123 @@ class BackendOptions:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
+# One input as the feed check sees it: (name, dtype, fully static shape or None, rank, ((axis, dim), ...)).
+_FeedSpec = tuple[str, np.dtype[Any], tuple[int | None, ...] | None, int, tuple[tuple[int, int], ...]]
+
+
 class Backend(ABC):
     """A model loaded in one runtime. Subclasses live one per file in this package.
+
+    A subclass sets ``inputs``, ``outputs`` and ``description`` when it loads
+    the model and implements :meth:`_run`. Setting ``inputs`` also builds the
+    feed check once, so a call costs a few dict lookups and tuple compares.
 
     Thread safety: ``infer`` may be called from several threads; a backend
     whose runtime is not thread-safe serialises calls itself.
     """
 
     format: str = ""
-    inputs: tuple[TensorInfo, ...] = ()
     outputs: tuple[TensorInfo, ...] = ()
     #: Human-readable runtime, version and device, e.g. "onnxruntime 1.32 CPU".
     description: str = ""
+    _inputs: tuple[TensorInfo, ...] = ()
+    _feed_specs: tuple[_FeedSpec, ...] = ()
+    _input_names: frozenset[str] = frozenset()
 
-    @abstractmethod
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        """The model's inputs as the runtime reports them."""
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, inputs: tuple[TensorInfo, ...]) -> None:
+        self._inputs = inputs
+        self._feed_specs = tuple(
+            (
+                t.name,
+                np.dtype(t.dtype),
+                tuple(t.shape) if None not in t.shape else None,
+                len(t.shape),
+                tuple((axis, d) for axis, d in enumerate(t.shape) if d is not None),
+            )
+            for t in inputs
+        )
+        self._input_names = frozenset(t.name for t in inputs)
+
+    @final
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on raw input tensors keyed by input name.
 
-        Returns every output keyed by name, as the runtime produced it.
+        Checks the feeds first: every input present and no unknown name, dtype
+        exactly the input's dtype (the caller casts or quantises), rank and
+        every static dimension. Returns every output keyed by name, as the
+        runtime produced it.
 
         Raises:
-            InputError: a feed is missing, or its dtype/shape does not fit.
-            InferenceError: the runtime failed.
+            InputError: a feed is missing or unknown, or its dtype/shape does not fit.
+            InferenceError: the runtime failed, or the backend is closed.
+        """
+        for name, dtype, static, rank, dims in self._feed_specs:
+            try:
+                arr = feeds[name]
+            except KeyError:
+                raise InputError(
+                    f"missing input {name!r} (model inputs: {', '.join(sorted(self._input_names))})"
+                ) from None
+            if not isinstance(arr, np.ndarray):
+                raise InputError(f"input {name!r}: expected a numpy array, got {type(arr).__name__}")
+            if arr.dtype != dtype:
+                raise InputError(
+                    f"input {name!r}: dtype {arr.dtype}, expected {dtype} "
+                    "(cast or quantize() before infer)"
+                )
+            shape = arr.shape
+            if static is not None:
+                if shape != static:
+                    self._shape_error(name, shape)
+            elif len(shape) != rank:
+                self._shape_error(name, shape)
+            else:
+                for axis, dim in dims:
+                    if shape[axis] != dim:
+                        self._shape_error(name, shape)
+        if len(feeds) != len(self._feed_specs):
+            unknown = sorted(set(feeds) - self._input_names)
+            raise InputError(
+                f"unknown input {', '.join(map(repr, unknown))} "
+                f"(model inputs: {', '.join(sorted(self._input_names))})"
+            )
+        return self._run(feeds)
+
+    @abstractmethod
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the runtime on feeds that :meth:`infer` checked; every output keyed by name.
+
+        Raises:
+            InputError: the runtime refused the feeds (e.g. a dynamic shape it cannot take).
+            InferenceError: the runtime failed, or the backend is closed.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, default no-op
         """Release the runtime's resources. Safe to call twice."""
+
+    def _shape_error(self, name: str, shape: tuple[int, ...]) -> NoReturn:
+        expected = next(tuple("?" if d is None else d for d in t.shape) for t in self._inputs if t.name == name)
+        raise InputError(f"input {name!r}: shape {tuple(shape)}, expected {expected} (? = any size)")
+
+    @staticmethod
+    def _check_model_file(path: Path) -> None:
+        """Raise ModelLoadError for a missing, unreadable or empty model file.
+
+        Runtimes report these cases obscurely ("mmap of size 0", "No graph was
+        found in the protobuf"), so backends check first for a clear message.
+        """
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ModelLoadError(f"{path.name}: cannot read model file: {e.strerror or e}") from e
+        if size == 0:
+            raise ModelLoadError(f"{path.name}: model file is empty")
 
 
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:

@@ -26,7 +26,6 @@ import onnxruntime as ort
 from ..errors import InferenceError, InputError, ManifestError, ModelLoadError
 from ..fsutil import make_private_dir, sha256_file
 from ..onnx_external import check_no_external_data
-from . import FeedValidator, _check_model_file
 from .base import Backend, BackendOptions, TensorInfo
 
 __all__ = ["OnnxBackend", "ProviderPlan", "SessionFactory", "plan_providers", "tensorrt_version"]
@@ -237,7 +236,7 @@ class OnnxBackend(Backend):
             UnsafeBundleError: the model references external data files.
         """
         model_path = Path(model_path)
-        _check_model_file(model_path)
+        self._check_model_file(model_path)
         # Never hand onnxruntime a model that would open files outside the bundle.
         try:
             check_no_external_data(model_path, name=model_path.name)
@@ -258,8 +257,7 @@ class OnnxBackend(Backend):
         self.outputs = tuple(_tensor_info(a, model_path.name) for a in self._session.get_outputs())
         self.description = f"onnxruntime {ort.__version__} {'+'.join(self.providers)}"
         self._output_names = [o.name for o in self.outputs]
-        self._check = FeedValidator(self.inputs)
-        self._run: Callable[..., Any] = self._session.run
+        self._session_run: Callable[..., Any] = self._session.run
         log.info("%s: loaded with %s", model_path.name, self.description)
 
     @property
@@ -267,16 +265,10 @@ class OnnxBackend(Backend):
         """The underlying ``onnxruntime.InferenceSession`` (diagnostics, benchmarks)."""
         return self._session
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model; see :meth:`Backend.infer`.
-
-        Raises:
-            InputError: a feed is missing, unknown, or its dtype/shape does not fit.
-            InferenceError: onnxruntime failed, or the backend is closed.
-        """
-        self._check(feeds)
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session; onnxruntime's errors become InputError (InvalidArgument) or InferenceError."""
         try:
-            results = self._run(self._output_names, feeds)
+            results = self._session_run(self._output_names, feeds)
         except InferenceError:
             raise
         except Exception as e:  # every onnxruntime error is converted here
@@ -287,7 +279,7 @@ class OnnxBackend(Backend):
 
     def close(self) -> None:
         """Drop the session; later ``infer`` calls raise InferenceError."""
-        self._run = self._closed_run
+        self._session_run = self._closed_run
         self._session = None
 
     def _closed_run(self, *_args: object) -> Any:

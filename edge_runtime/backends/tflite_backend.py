@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, InferenceError, InputError, ModelLoadError
-from . import FeedValidator, _check_model_file
 from .base import Backend, BackendOptions, TensorInfo
 
 __all__ = ["INSTALL_HINT", "TFLiteBackend", "load_interpreter_class"]
@@ -113,7 +112,7 @@ class TFLiteBackend(Backend):
         """
         model_path = Path(model_path)
         interpreter_class, runtime = load_interpreter_class()
-        _check_model_file(model_path)
+        self._check_model_file(model_path)
         self._path = model_path
         try:
             interpreter = interpreter_class(
@@ -130,7 +129,6 @@ class TFLiteBackend(Backend):
         self.inputs = tuple(_tensor_info(d) for d in input_details)
         self.outputs = tuple(_tensor_info(d) for d in output_details)
         self.description = f"{runtime} CPU"
-        self._check = FeedValidator(self.inputs)
         self._lock = threading.Lock()
         self._in = tuple((str(d["name"]), int(d["index"])) for d in input_details)
         self._out = tuple((str(d["name"]), int(d["index"])) for d in output_details)
@@ -140,15 +138,13 @@ class TFLiteBackend(Backend):
             str(d["name"]): tuple(int(x) for x in d["shape"]) for d in input_details
         }
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model; see :meth:`Backend.infer`. Calls are serialised.
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Set, invoke and get under the lock (the interpreter is not thread-safe).
 
         Raises:
-            InputError: a feed is missing, unknown, its dtype/shape does not
-                fit, or the model cannot be resized to a dynamic feed's shape.
+            InputError: the model cannot be resized to a dynamic feed's shape.
             InferenceError: the interpreter failed, or the backend is closed.
         """
-        self._check(feeds)
         with self._lock:
             interpreter = self._interpreter
             if interpreter is None:
