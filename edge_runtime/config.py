@@ -50,15 +50,46 @@ Example (all sections shown with their defaults)::
     backoff_max_seconds = 300.0
     max_channel_bytes = 65536
 
+    [mqtt]
+    enabled = false
+    host = "localhost"
+    port = 1883
+    protocol = "5"              # "5" or "3.1.1"
+    client_id = ""              # default: edge-<device_id>
+    prefix = "edge"
+    groups = []                 # also obey edge/group/<g>/cmd/<verb>
+    username = ""
+    # password_file = "/etc/edge-runtime/mqtt-password"  # or the systemd credential "mqtt-password"
+    tls = false
+    # ca_file / cert_file / key_file = "/etc/edge-runtime/..."   (client cert + key = mTLS)
+    keepalive_seconds = 30
+    reconnect_min_seconds = 1.0
+    reconnect_max_seconds = 60.0
+    telemetry_seconds = 10.0
+    spool_max_messages = 100000 # offline queue bound; what is dropped past it is counted
+    spool_max_bytes = 67108864
+    flush_rate = 3000.0         # messages/s when draining the spool after a reconnect
+    max_inflight = 50
+    max_command_bytes = 65536
+    max_json_depth = 32
+    command_id_window_seconds = 86400.0
+    signed_commands = false     # when true: update/rollback/pin/unpin/config need an operator signature
+    # operator_keys_dir = "/etc/edge-runtime/operator-keys"
+    command_max_age_seconds = 300.0
+    results = false             # publish results to edge/<device>/results/<model>
+    results_max_per_second = 5.0
+    max_input_bytes = 8388608   # MQTT input source payload cap
+
     [[pipelines]]
     model = "face"              # model name in the cache (required)
     name = ""                   # default: the model name
     results = "log"             # log | none (mqtt: see [mqtt])
     [pipelines.source]
-    type = "folder"             # folder | video | camera | rtsp | none
+    type = "folder"             # folder | video | camera | rtsp | mqtt | none
     path = "/var/lib/edge-runtime/inbox"   # folder or video file (type = folder / video)
     camera = 0                  # camera index (type = camera)
     url = ""                    # rtsp://... (type = rtsp); credentials are never logged
+    topic = ""                  # type = mqtt; default edge/<device>/input/<pipeline>
     fps = 0.0                   # max rate; 0 = as fast as inference allows
     poll_seconds = 0.5          # folder scan interval
     loop = false                # restart a video file at its end
@@ -69,6 +100,7 @@ Example (all sections shown with their defaults)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +116,7 @@ __all__ = [
     "BackendConfig",
     "Config",
     "Limits",
+    "MqttConfig",
     "OtaConfig",
     "PipelineConfig",
     "SourceConfig",
@@ -208,15 +241,71 @@ class OtaConfig:
 class SourceConfig:
     """Where a pipeline's inputs come from."""
 
-    type: str = field(default="none", metadata={"check": _one_of("folder", "video", "camera", "rtsp", "none")})
+    type: str = field(default="none",
+                      metadata={"check": _one_of("folder", "video", "camera", "rtsp", "mqtt", "none")})
     path: Path | None = None
     camera: int = field(default=0, metadata={"check": in_range(0, 63)})
     url: str = field(default="", metadata={"check": _url("rtsp", "rtsps", "http", "https")})
+    topic: str = field(default="", metadata={"check": lambda v: _topic(v, wildcards=False)})
     fps: float = field(default=0.0, metadata={"check": in_range(0, 1000)})
     poll_seconds: float = field(default=0.5, metadata={"check": in_range(0.01, 3600)})
     loop: bool = False
     queue: int = field(default=1, metadata={"check": in_range(1, 1000)})
     reconnect_max_seconds: float = field(default=30.0, metadata={"check": in_range(0.1, 3600)})
+
+
+def _topic(value: str, *, wildcards: bool) -> str:
+    if any(c in value for c in "\0") or (not wildcards and any(c in value for c in "+#")):
+        return "must be an MQTT topic without wildcards or NUL"
+    return ""
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _ident(value: str) -> str:
+    return "" if not value or _ID_RE.match(value) else f"must match {_ID_RE.pattern} (it is used in topics)"
+
+
+def _idents(values: tuple[str, ...]) -> str:
+    return next((f"{v!r} " + _ident(v) for v in values if _ident(v)), "")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The MQTT link: telemetry, events, status, fleet commands, offline spool."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = field(default=1883, metadata={"check": in_range(1, 65535)})
+    protocol: str = field(default="5", metadata={"check": _one_of("5", "3.1.1")})
+    client_id: str = field(default="", metadata={"check": _ident})
+    prefix: str = field(default="edge", metadata={"check": _ident})
+    groups: tuple[str, ...] = field(default=(), metadata={"check": _idents})
+    username: str = ""
+    password_file: Path | None = None
+    password_credential: str = "mqtt-password"  # noqa: S105 - a credential *name*, not a secret
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_seconds: int = field(default=30, metadata={"check": in_range(5, 3600)})
+    reconnect_min_seconds: float = field(default=1.0, metadata={"check": in_range(0.01, 3600)})
+    reconnect_max_seconds: float = field(default=60.0, metadata={"check": in_range(0.01, 86400)})
+    telemetry_seconds: float = field(default=10.0, metadata={"check": in_range(0.001, 86400)})
+    spool_max_messages: int = field(default=100_000, metadata={"check": in_range(10, 10**8)})
+    spool_max_bytes: int = field(default=64 << 20, metadata={"check": in_range(1 << 16, 1 << 36)})
+    flush_rate: float = field(default=3000.0, metadata={"check": in_range(1, 10**6)})
+    max_inflight: int = field(default=50, metadata={"check": in_range(1, 65535)})
+    max_command_bytes: int = field(default=64 << 10, metadata={"check": in_range(256, 16 << 20)})
+    max_json_depth: int = field(default=32, metadata={"check": in_range(2, 1000)})
+    command_id_window_seconds: float = field(default=86400.0, metadata={"check": in_range(1, 86400 * 365)})
+    signed_commands: bool = False
+    operator_keys_dir: Path | None = None
+    command_max_age_seconds: float = field(default=300.0, metadata={"check": in_range(1, 86400)})
+    results: bool = False
+    results_max_per_second: float = field(default=5.0, metadata={"check": in_range(0.01, 10000)})
+    max_input_bytes: int = field(default=8 << 20, metadata={"check": in_range(1024, 1 << 28)})
 
 
 @dataclass(frozen=True)
@@ -245,10 +334,11 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     trust: TrustConfig = field(default_factory=TrustConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    device_id: str = ""
+    device_id: str = field(default="", metadata={"check": _ident})
     api: ApiConfig = field(default_factory=ApiConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -261,6 +351,15 @@ class Config:
                 raise ConfigError(f"config key 'pipelines[{i}].source.path' is required for type {src.type!r}")
             if src.type == "rtsp" and not src.url:
                 raise ConfigError(f"config key 'pipelines[{i}].source.url' is required for type 'rtsp'")
+            if src.type == "mqtt" and not self.mqtt.enabled:
+                raise ConfigError(f"config key 'pipelines[{i}].source.type' is 'mqtt' but mqtt.enabled is false")
+        if self.mqtt.signed_commands and self.mqtt.operator_keys_dir is None:
+            raise ConfigError("config key 'mqtt.operator_keys_dir' is required when mqtt.signed_commands is true")
+        if not self.mqtt.tls and any(f is not None for f in (self.mqtt.ca_file, self.mqtt.cert_file,
+                                                               self.mqtt.key_file)):
+            raise ConfigError("config keys 'mqtt.ca_file'/'cert_file'/'key_file' need mqtt.tls = true")
+        if (self.mqtt.cert_file is None) != (self.mqtt.key_file is None):
+            raise ConfigError("config keys 'mqtt.cert_file' and 'mqtt.key_file' must be set together (mTLS)")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (CLI overrides)."""

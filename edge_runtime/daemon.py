@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .activation import Activator
 from .api_server import ApiServer
-from .config import Config
+from .commands import RuntimeSettings
+from .config import Config, PipelineConfig
 from .events import EventBus
 from .fsutil import make_private_dir
 from .metrics import Metrics
@@ -30,7 +31,10 @@ from .ota import OtaUpdater
 from .pipeline import Pipeline
 from .sdnotify import Notifier
 from .serving import InferenceService
-from .sources import build_source
+from .sources import MqttInputs, build_source
+
+if TYPE_CHECKING:
+    from .mqtt_bridge import MqttBridge
 
 __all__ = ["Component", "Daemon", "print_result"]
 
@@ -67,8 +71,17 @@ class Daemon:
         self.store = ModelStore(config)
         self.service = InferenceService(self.metrics)
         self.activator = Activator(self.store, self.service, self.events, config.activation)
+        # Settings a fleet `config` command may change while running.
+        self.settings = RuntimeSettings.from_config(config)
         # Built even without a channel URL: the fleet `update {url}` command uses it too.
-        self.ota = OtaUpdater(config.ota, self.store, self.activator, self.events)
+        self.ota = OtaUpdater(config.ota, self.store, self.activator, self.events,
+                              poll_seconds=lambda: self.settings.get("ota.poll_seconds"))
+        # Created before start so that every event from the first one on reaches the spool.
+        self.mqtt: MqttBridge | None = None
+        if config.mqtt.enabled:
+            from .mqtt_bridge import MqttBridge  # paho and the command code load only when used
+
+            self.mqtt = MqttBridge(self)
         self.api: ApiServer | None = None
         self.pipelines: list[Pipeline] = []
         self.components: list[Component] = []
@@ -91,15 +104,18 @@ class Daemon:
             self.api = ApiServer(self.config.api, self.service, self.metrics)
             self.api.start()
             _log.info("inference API listening on %s", self.api.url)
+        inputs = None
+        if self.mqtt is not None:
+            inputs = MqttInputs(self.mqtt.link.subscribe, self.mqtt.base, self.config.mqtt.max_input_bytes)
         for pipe_cfg in self.config.pipelines:
             source = build_source(pipe_cfg.source, state_dir=self.config.state_dir, pipeline_name=pipe_cfg.label,
                                   limits=self.config.limits, metrics=self.metrics, events=self.events,
-                                  stop_event=self.stop_event)
-            sink = self.on_result if pipe_cfg.results != "none" else None
-            pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events, sink)
+                                  stop_event=self.stop_event, mqtt=inputs)
+            pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events, self._sink(pipe_cfg))
             pipeline.start()
             self.pipelines.append(pipeline)
-        for component in (self.ota,):
+        parts: list[Component] = [self.ota] if self.mqtt is None else [self.ota, self.mqtt]
+        for component in parts:
             component.start()
             self.components.append(component)
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -126,6 +142,25 @@ class Daemon:
         for slot in self.service.slots.values():
             slot.close()
         self.events.emit("stopped", reason="clean shutdown")
+
+    def _sink(self, pipe_cfg: PipelineConfig) -> ResultSink | None:
+        """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic."""
+        printer = self.on_result if pipe_cfg.results != "none" else None
+        bridge = self.mqtt
+        if bridge is None:
+            return printer
+        from_mqtt = pipe_cfg.source.type == "mqtt"
+
+        def sink(result: dict[str, Any]) -> None:
+            if printer is not None:
+                printer(result)
+            if from_mqtt:
+                key = str(result.get("key", ""))
+                bridge.publish_result({**result, "correlation_id": key}, correlation=key.encode())
+            else:
+                bridge.publish_result(result)
+
+        return sink
 
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit code (0)."""

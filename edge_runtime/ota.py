@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 from .activation import Activator
 from .channel import parse_channel
+from .commands import pinned_version
 from .config import OtaConfig
 from .errors import EdgeRuntimeError, FetchError
 from .events import EventBus
-from .http_fetcher import Fetcher, HttpFetcher, redact_url
+from .fetcher import Fetcher, redact_url
+from .http_fetcher import HttpFetcher
 from .model_store import ModelStore
 
 __all__ = ["OtaUpdater", "UpdateResult"]
@@ -50,13 +52,15 @@ class OtaUpdater:
 
     def __init__(self, config: OtaConfig, store: ModelStore, activator: Activator, events: EventBus, *,
                  fetcher: Fetcher | None = None,
-                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+                 poll_seconds: Callable[[], float] | None = None) -> None:
         self.config = config
         self.store = store
         self.activator = activator
         self.events = events
         self._fetcher = fetcher
         self.now = now
+        self.poll_seconds = poll_seconds or (lambda: config.poll_seconds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()
@@ -92,7 +96,7 @@ class OtaUpdater:
                 _log.warning("OTA poll failed: %s", e.one_line())
             except Exception:  # keep polling: one bad cycle must not end updates for good
                 _log.exception("OTA poll crashed")
-            self._stop.wait(self.config.poll_seconds)
+            self._stop.wait(self.poll_seconds())
 
     # ------------------------------------------------------------------ updates
 
@@ -115,6 +119,8 @@ class OtaUpdater:
         results = []
         for name, entry in sorted(channel.entries.items()):
             if entry.version <= cache.floor(name):
+                continue
+            if pinned_version(cache, name) is not None:  # an operator pinned it (fleet `pin`): no automatic updates
                 continue
             self.events.emit("update_available", model=name, version=entry.version,
                              reason=f"channel sequence {channel.sequence}")

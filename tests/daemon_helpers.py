@@ -216,12 +216,13 @@ class Serve:
         return [e for e in events if kind is None or e["kind"] == kind]
 
 
-def write_config(root: Path, trust_dir: Path, *, extra: str = "", port: int | None = None) -> tuple[Path, Path, int]:
-    """A daemon config under ``root``: API on a free loopback port, fast probation/polling knobs in ``extra``."""
+def write_config(root: Path, trust_dir: Path, *, extra: str = "", port: int | None = None,
+                 top: str = "") -> tuple[Path, Path, int]:
+    """A daemon config under ``root``: API on a free loopback port; ``top`` adds top-level keys, ``extra`` sections."""
     root.mkdir(parents=True, exist_ok=True)
     state = root / "state"
     port = port or free_port()
     config = root / "config.toml"
-    config.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust_dir}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+    config.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust_dir}"\n{top}[api]\nlisten = "127.0.0.1:{port}"\n'
                       + extra)
     return config, state, port

@@ -161,3 +161,15 @@ def test_replayed_channel_documents_are_refused(tmp_path: Path, keys: dict[str, 
         with pytest.raises(SignatureError):
             _updater(rig, server).poll_once()
     assert rig.version() == 3
+
+
+def test_poll_skips_pinned_models(tmp_path: Path, keys: dict[str, Path], zoo: Zoo) -> None:
+    rig = Rig(tmp_path, keys, zoo, probation_inferences=0, probation_seconds=3600)
+    rig.store.cache.pin("ppocr-cls", 1)
+    v3 = pack_onnx(tmp_path / "v3.bundle", zoo("ppocr_cls"), 3, keys["a"], tmp_path)
+    with FaultServer({}) as server:
+        Channel(server, keys["a"]).publish({"ppocr-cls": v3})
+        assert _updater(rig, server).poll_once() == []
+        assert rig.store.cache.versions("ppocr-cls") == [1, 2] and rig.version() == 1
+        rig.store.cache.pin("ppocr-cls", None)
+        assert [r.version for r in _updater(rig, server).poll_once()] == [3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -280,3 +281,49 @@ def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
     assert len(lines) == 3
     scores = {line.split()[0]: float(line.split("face score")[1].split()[0]) for line in lines}
     assert scores["grace_hopper.jpg"] > 0.8
+
+
+def test_sd_notify_ready_after_first_inference_watchdog_and_stopping(tmp_path: Path, keys: dict[str, Path],
+                                                                     zoo: Zoo) -> None:
+    import os
+    import socket as sock_mod
+
+    from cli_helpers import cli
+
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"])
+    cli("models", "install", pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path),
+        "--config", config)
+    notify = tmp_path / "notify.sock"
+    listener = sock_mod.socket(sock_mod.AF_UNIX, sock_mod.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(0.2)
+    messages: list[str] = []
+    env = {"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "600000"}
+    serve = Serve(config, state, port)
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        serve.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+    def receive_until(pred: Callable[[], bool], timeout: float) -> None:
+        def step() -> bool:
+            with contextlib.suppress(TimeoutError):
+                messages.append(listener.recv(4096).decode())
+            return pred()
+
+        wait_for(step, timeout, "sd_notify messages", 0.0)
+
+    try:
+        receive_until(lambda: any("READY=1" in m for m in messages), 30)
+        ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m)
+        assert "STATUS=serving ppocr-cls v1" in messages[ready_at]
+        receive_until(lambda: sum("WATCHDOG=1" in m for m in messages[ready_at:]) >= 3, 10)
+        assert serve.terminate() == 0
+        receive_until(lambda: any("STOPPING=1" in m for m in messages), 10)
+    finally:
+        listener.close()
+        if serve.proc and serve.proc.poll() is None:
+            serve.kill9()

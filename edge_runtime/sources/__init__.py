@@ -11,8 +11,9 @@ processed, so a source can persist progress, and :meth:`Source.close` at the end
 (the folder) block until there is room, because every file must be processed.
 
 Types: ``folder`` (:mod:`.folder`), ``video`` / ``camera`` / ``rtsp``
-(:mod:`.capture`), ``none`` (no input: the model is served through the API
-only). Anything else is refused by :func:`build_source` at start-up.
+(:mod:`.capture`), ``mqtt`` (:mod:`.mqtt_input`), ``none`` (no input: the
+model is served through the API only). Anything else is refused by
+:func:`build_source` at start-up.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from ..metrics import Metrics
 __all__ = [
     "SOURCE_TYPES",
     "Item",
+    "MqttInputs",
     "NoSource",
     "Payload",
     "Source",
@@ -45,9 +47,18 @@ __all__ = [
 
 Payload = bytes | np.ndarray
 Item = tuple[str, Payload]
-SOURCE_TYPES = ("folder", "video", "camera", "rtsp", "none")
+SOURCE_TYPES = ("folder", "video", "camera", "rtsp", "mqtt", "none")
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttInputs:
+    """How ``mqtt`` sources subscribe: the link's ``subscribe`` and the default topic base."""
+
+    subscribe: Callable[[str, Callable[[Any], None]], None]
+    topic_base: str
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class SourceContext:
     metrics: Metrics
     events: EventBus
     stop_event: threading.Event
+    mqtt: MqttInputs | None = None
 
 
 class Source(abc.ABC):
@@ -157,6 +169,16 @@ def _capture(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: 
     return CaptureSource.from_config(config, ctx)
 
 
+def _mqtt(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
+    from .mqtt_input import MqttInputSource
+
+    if ctx.mqtt is None:
+        raise ConfigError(f"pipeline {ctx.pipeline!r}: source type 'mqtt' needs [mqtt] enabled = true")
+    topic = config.topic or f"{ctx.mqtt.topic_base}/input/{ctx.pipeline}"
+    return MqttInputSource(ctx, topic=topic, subscribe=ctx.mqtt.subscribe, max_bytes=ctx.mqtt.max_bytes,
+                           buffer=max(config.queue, 8))
+
+
 def _none(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
     return NoSource(ctx, "none")
 
@@ -167,12 +189,13 @@ _FACTORIES: dict[str, SourceFactory] = {
     "video": _capture,
     "camera": _capture,
     "rtsp": _capture,
+    "mqtt": _mqtt,
     "none": _none,
 }
 
 
 def build_source(config: SourceConfig, *, state_dir: Path, pipeline_name: str, limits: Limits, metrics: Metrics,
-                 events: EventBus, stop_event: threading.Event) -> Source:
+                 events: EventBus, stop_event: threading.Event, mqtt: MqttInputs | None = None) -> Source:
     """The source ``config.type`` names, reporting as pipeline ``pipeline_name``.
 
     The folder source keeps its progress in ``<state_dir>/sources/<pipeline>.db``.
@@ -186,5 +209,5 @@ def build_source(config: SourceConfig, *, state_dir: Path, pipeline_name: str, l
     if factory is None:
         raise ConfigError(f"unknown source type {config.type!r} for pipeline {pipeline_name!r} "
                           f"(known: {', '.join(SOURCE_TYPES)})")
-    ctx = SourceContext(pipeline=pipeline_name, metrics=metrics, events=events, stop_event=stop_event)
+    ctx = SourceContext(pipeline=pipeline_name, metrics=metrics, events=events, stop_event=stop_event, mqtt=mqtt)
     return factory(config, ctx, state_dir, limits)

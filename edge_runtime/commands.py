@@ -1,0 +1,409 @@
+"""Fleet commands: the dispatcher (parse, authenticate, run once, reply) and the device's handlers.
+
+:class:`Dispatcher` turns one ``(verb, payload)`` into one :class:`Reply` and
+never raises. Per command: parse and bound the payload
+(:mod:`edge_runtime.command_parse`); verify a signed envelope, or refuse an
+unsigned one for a verb in ``signed_verbs`` (:mod:`edge_runtime.command_auth`);
+claim the id in the :class:`~edge_runtime.command_ledger.CommandLedger` so it
+runs once (a redelivery gets the stored reply with ``"duplicate": true``; one
+arriving while the first still runs gets ``"in_progress": true`` and is not
+run); run the handler; store its reply. A failure anywhere is
+``Reply(ok=False, message=<one line>)``, with the id when it can be recovered.
+Replies of commands that ran, failures included, are stored: an id is used up
+once its handler has run.
+
+:class:`DeviceCommands` supplies the handlers; the arguments of each verb::
+
+    ping     {}                                  -> {"pong": <command ts>, "device_ts": <device clock>}
+    status   {}                                  -> the daemon's status dict + runtime settings
+    update   {"url": str, "sha256"?: hex, "size"?: int}   download, verify, install, activate
+    rollback {"model": str, "version"?: int}     serve that cached version (default: previous)
+    pin      {"model": str, "version": int}      serve it, keep it from gc, skip it in OTA polling
+    unpin    {"model": str}
+    config   {"<setting>": value, ...}           see RuntimeSettings; all or nothing
+    reload   {}                                  serve what the cache marks active (like SIGHUP)
+
+A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
+calls :func:`pinned_version`). Explicit ``update`` and ``rollback`` commands are
+operator decisions and still apply; the pinned version stays protected from gc.
+Settings changed by ``config`` last until the daemon restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from .command_auth import SIGNED_VERBS, CommandAuth, is_signed_envelope
+from .command_ledger import CommandLedger
+from .command_parse import Command, Reply, best_effort_id, check_verb, command_from_object, load_object
+from .config import Config, MqttConfig, OtaConfig, in_range
+from .errors import CommandError, ConfigError, EdgeRuntimeError
+from .typed_toml import build
+
+if TYPE_CHECKING:
+    from .activation import Activator
+    from .model_cache import ModelCache
+    from .model_store import ModelStore
+    from .ota import OtaUpdater
+
+__all__ = [
+    "LOG_LEVELS",
+    "SIGNED_VERBS",
+    "Command",
+    "DeviceCommands",
+    "Dispatcher",
+    "Handler",
+    "Reply",
+    "RuntimeSettings",
+    "pinned_version",
+]
+
+Handler = Callable[[Command], Reply]
+"""Runs one command; raises EdgeRuntimeError (its one-line message becomes the reply) to fail."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FloatSetting = Literal["mqtt.telemetry_seconds", "mqtt.results_max_per_second", "ota.poll_seconds"]
+# Setting -> the config dataclass and field whose type and range checks it reuses.
+_CONFIG_SETTINGS: dict[str, tuple[type[Any], str]] = {
+    "mqtt.telemetry_seconds": (MqttConfig, "telemetry_seconds"),
+    "mqtt.results": (MqttConfig, "results"),
+    "mqtt.results_max_per_second": (MqttConfig, "results_max_per_second"),
+    "ota.poll_seconds": (OtaConfig, "poll_seconds"),
+}
+
+
+def pinned_version(cache: ModelCache, name: str) -> int | None:
+    """The version of ``name`` an operator pinned, or None. The OTA poller skips pinned models.
+
+    Raises CacheError: the state file is corrupt.
+    """
+    return cache.state.load().model(name).pinned
+
+
+class RuntimeSettings:
+    """The settings the ``config`` command may change at run time; thread-safe.
+
+    ``mqtt.telemetry_seconds``, ``mqtt.results``, ``mqtt.results_max_per_second``
+    and ``ota.poll_seconds`` are checked exactly like the config file's keys
+    of the same name; ``log_level`` is one of :data:`LOG_LEVELS`. Readers call
+    :meth:`get` each time they need a value, so a change applies from then on.
+    """
+
+    def __init__(self, values: Mapping[str, object] | None = None) -> None:
+        """Start from the config defaults (and INFO), overridden by ``values``.
+
+        Raises CommandError: an unknown setting or a bad value (named).
+        """
+        self._values: dict[str, bool | float | str] = {**_config_values(Config()), "log_level": "INFO"}
+        self._lock = threading.Lock()
+        if values:
+            self.update(values)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RuntimeSettings:
+        """The settings as ``config`` has them; ``log_level`` from the root logger's level."""
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        return cls({**_config_values(config), "log_level": level if level in LOG_LEVELS else "INFO"})
+
+    @overload
+    def get(self, key: FloatSetting) -> float: ...
+    @overload
+    def get(self, key: Literal["mqtt.results"]) -> bool: ...
+    @overload
+    def get(self, key: Literal["log_level"]) -> str: ...
+    def get(self, key: str) -> bool | float | str:
+        """The current value of ``key`` (KeyError for an unknown key: a programming error)."""
+        with self._lock:
+            return self._values[key]
+
+    def snapshot(self) -> dict[str, bool | float | str]:
+        """Every setting and its current value."""
+        with self._lock:
+            return dict(self._values)
+
+    def update(self, changes: Mapping[str, object]) -> dict[str, bool | float | str]:
+        """Check every change, then apply them all together; return the values applied.
+
+        Raises:
+            CommandError: an unknown setting or a bad value (named); nothing is applied.
+        """
+        checked = {key: _check_setting(key, value) for key, value in changes.items()}
+        with self._lock:
+            self._values.update(checked)
+        return checked
+
+
+def _config_values(config: Config) -> dict[str, bool | float | str]:
+    return {key: getattr(getattr(config, key.split(".")[0]), attr) for key, (_, attr) in _CONFIG_SETTINGS.items()}
+
+
+def _check_setting(key: str, value: object) -> bool | float | str:
+    if key == "log_level":
+        if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+            raise CommandError(f"setting 'log_level' must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+    if key not in _CONFIG_SETTINGS:
+        known = ", ".join(sorted([*_CONFIG_SETTINGS, "log_level"]))
+        raise CommandError(f"unknown setting {key[:64]!r} (settable: {known})")
+    cls, attr = _CONFIG_SETTINGS[key]
+    try:
+        checked: bool | float | str = getattr(build(cls, {attr: value}, where=key.split(".")[0]), attr)
+    except ConfigError as e:
+        # typed_toml words its errors for the config file; the checks are the same here.
+        raise CommandError(e.one_line().replace("config key", "setting")) from e
+    return checked
+
+
+# ---------------------------------------------------------------------- handler arguments
+
+
+def _hex64(value: str) -> str:
+    return "" if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else "must be 64 lowercase hex digits"
+
+
+def _non_empty(value: str) -> str:
+    return "" if value else "must not be empty"
+
+
+_VERSION = {"check": in_range(1, 2**53)}
+
+
+@dataclass(frozen=True)
+class _NoArgs:
+    pass
+
+
+@dataclass(frozen=True)
+class _UpdateArgs:
+    url: str = field(metadata={"check": _non_empty})
+    sha256: str | None = field(default=None, metadata={"check": _hex64})
+    size: int | None = field(default=None, metadata={"check": in_range(1, 2**48)})
+
+
+@dataclass(frozen=True)
+class _ModelArgs:
+    model: str = field(metadata={"check": _non_empty})
+
+
+@dataclass(frozen=True)
+class _RollbackArgs:
+    model: str = field(metadata={"check": _non_empty})
+    version: int | None = field(default=None, metadata=_VERSION)
+
+
+@dataclass(frozen=True)
+class _PinArgs:
+    model: str = field(metadata={"check": _non_empty})
+    version: int = field(metadata=_VERSION)
+
+
+def _args(cls: type[T], command: Command) -> T:
+    """Check ``command.args`` against dataclass ``cls`` with the config file's strict rules."""
+    try:
+        return build(cls, command.args, where="args")
+    except ConfigError as e:
+        # typed_toml names a "config key"; here the same checks are about a command argument.
+        raise CommandError(e.one_line().replace("config key", "argument")) from e
+
+
+class DeviceCommands:
+    """The handlers of every verb, over the daemon's real parts.
+
+    ``status`` returns the daemon's status dict (versions, probation, uptime...).
+    Handlers run in the caller's thread; ``update`` blocks for the download,
+    gates and swap.
+    """
+
+    def __init__(self, activator: Activator, ota: OtaUpdater, store: ModelStore, settings: RuntimeSettings,
+                 status: Callable[[], Mapping[str, Any]], *, clock: Callable[[], float] = time.time) -> None:
+        self.activator = activator
+        self.ota = ota
+        self.store = store
+        self.settings = settings
+        self._status = status
+        self._clock = clock
+
+    def handlers(self) -> dict[str, Handler]:
+        """verb -> handler, for :class:`Dispatcher`."""
+        return {"ping": self.ping, "status": self.status, "update": self.update, "rollback": self.rollback,
+                "pin": self.pin, "unpin": self.unpin, "config": self.config, "reload": self.reload}
+
+    def ping(self, command: Command) -> Reply:
+        """Answer with the command's ts and the device clock (shows skew, which signed commands care about)."""
+        _args(_NoArgs, command)
+        return Reply(True, "pong", data={"pong": command.ts, "device_ts": round(self._clock(), 3)})
+
+    def status(self, command: Command) -> Reply:
+        """The daemon's status plus the runtime settings."""
+        _args(_NoArgs, command)
+        return Reply(True, "status", data={**self._status(), "settings": self.settings.snapshot()})
+
+    def update(self, command: Command) -> Reply:
+        """Download, verify, install and activate the bundle at ``url``.
+
+        Raises:
+            CommandError: bad arguments. FetchError, BundleError, GateError,
+                ModelError: the update failed and the previous version serves.
+        """
+        args = _args(_UpdateArgs, command)
+        result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
+        state = "active (on probation)" if result.active else "installed, not active"
+        return Reply(True, f"{result.name} v{result.version} {state}",
+                     data={"model": result.name, "version": result.version, "active": result.active})
+
+    def rollback(self, command: Command) -> Reply:
+        """Serve ``version`` (default: the previous one) of ``model`` now.
+
+        Raises:
+            CommandError: bad arguments or unknown model. CacheError, ModelError,
+                IntegrityError: nothing to roll back to, or it does not load.
+        """
+        args = _args(_RollbackArgs, command)
+        cache = self._cache_with(args.model)
+        before = cache.active_version(args.model)
+        target = self.activator.rollback(args.model, args.version, reason=f"operator rollback (command {command.id})")
+        return Reply(True, f"{args.model} rolled back to v{target}",
+                     data={"model": args.model, "version": target, "from": before,
+                           "pinned": pinned_version(cache, args.model)})
+
+    def pin(self, command: Command) -> Reply:
+        """Serve ``version`` of ``model`` (switching if needed), keep it from gc, stop OTA updating it.
+
+        Raises:
+            CommandError: bad arguments, unknown model or version not cached.
+            CacheError, ModelError, IntegrityError: the version does not load.
+        """
+        args = _args(_PinArgs, command)
+        cache = self._cache_with(args.model)
+        if args.version not in cache.versions(args.model):
+            cached = ", ".join(f"v{v}" for v in cache.versions(args.model))
+            raise CommandError(f"{args.model} v{args.version} is not in the cache (cached: {cached})")
+        switched = cache.active_version(args.model) != args.version
+        if switched:
+            self.activator.rollback(args.model, args.version, reason=f"operator pin (command {command.id})")
+        cache.pin(args.model, args.version)
+        return Reply(True, f"{args.model} pinned to v{args.version}" + (" (now serving)" if switched else ""),
+                     data={"model": args.model, "version": args.version, "switched": switched})
+
+    def unpin(self, command: Command) -> Reply:
+        """Remove the pin of ``model`` (OTA updates it again). Raises CommandError: bad args, unknown model."""
+        args = _args(_ModelArgs, command)
+        cache = self._cache_with(args.model)
+        was = pinned_version(cache, args.model)
+        cache.pin(args.model, None)
+        message = f"{args.model} unpinned (was v{was})" if was is not None else f"{args.model} was not pinned"
+        return Reply(True, message, data={"model": args.model, "was": was})
+
+    def config(self, command: Command) -> Reply:
+        """Change runtime settings, all or nothing. Raises CommandError: none given, unknown or bad (named)."""
+        if not command.args:
+            raise CommandError("config needs at least one setting, e.g. {\"mqtt.telemetry_seconds\": 30}")
+        applied = self.settings.update(command.args)
+        if "log_level" in applied:
+            logging.getLogger().setLevel(str(applied["log_level"]))
+        return Reply(True, "set " + ", ".join(f"{k}={v}" for k, v in sorted(applied.items())),
+                     data={"applied": applied, "settings": self.settings.snapshot()})
+
+    def reload(self, command: Command) -> Reply:
+        """Serve whatever the cache marks active (after a CLI change); reports the models that changed."""
+        _args(_NoArgs, command)
+        changed = self.activator.sync()
+        return Reply(True, f"reloaded: {', '.join(changed) or 'nothing changed'}", data={"changed": changed})
+
+    def _cache_with(self, model: str) -> ModelCache:
+        cache = self.store.cache
+        if model not in cache.names():
+            raise CommandError(f"unknown model {model[:64]!r} (cached: {', '.join(cache.names()) or 'none'})")
+        return cache
+
+
+class Dispatcher:
+    """Parses, authenticates and runs each command once; :meth:`handle` never raises.
+
+    ``signed_verbs``: verbs refused unless signed (needs ``auth``). A signed
+    envelope for any verb is verified when ``auth`` is set and refused when not.
+    ``device`` and ``groups`` are what signed commands may be addressed to.
+    """
+
+    def __init__(self, handlers: Mapping[str, Handler], *, ledger: CommandLedger, auth: CommandAuth | None,
+                 signed_verbs: Collection[str] = SIGNED_VERBS, max_bytes: int, max_depth: int, device: str,
+                 groups: Collection[str] = ()) -> None:
+        if signed_verbs and auth is None:
+            raise ValueError("signed_verbs need a CommandAuth to verify them")
+        self._handlers = dict(handlers)
+        self._ledger = ledger
+        self._auth = auth
+        self._signed_verbs = frozenset(signed_verbs)
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+        self.device = device
+        self.groups = tuple(groups)
+
+    def handle(self, verb: str, payload: bytes) -> Reply:
+        """Handle the ``payload`` received on the ``.../cmd/<verb>`` topic; return the reply to send."""
+        try:
+            return self._handle(verb, payload)
+        except Exception:  # the command worker must survive any bug and keep answering
+            _log.exception("command %r crashed the dispatcher", verb[:32])
+            return Reply(False, "internal error while handling the command (see the device log)",
+                         best_effort_id(payload))
+
+    def parse(self, verb: str, payload: bytes) -> Command:
+        """Parse and authenticate without running anything.
+
+        Raises:
+            CommandError: refused (malformed, unsigned when required, bad signature, ...).
+        """
+        check_verb(verb)
+        doc = load_object(payload, max_bytes=self.max_bytes, max_depth=self.max_depth)
+        if is_signed_envelope(doc):
+            if self._auth is None:
+                raise CommandError("signed commands are not enabled on this device (no operator keys configured)")
+            return self._auth.verify_envelope(doc, verb, device=self.device, groups=self.groups)
+        if verb in self._signed_verbs:
+            raise CommandError(f"command {verb!r} must be signed by an operator key")
+        return command_from_object(doc, verb)
+
+    def _handle(self, verb: str, payload: bytes) -> Reply:
+        try:
+            command = self.parse(verb, payload)
+        except CommandError as e:
+            return Reply(False, e.one_line(), best_effort_id(payload))
+        handler = self._handlers.get(verb)
+        if handler is None:
+            return Reply(False, f"command verb {verb!r} is not supported by this device", command.id)
+        try:
+            claim = self._ledger.claim(command.id)
+        except CommandError as e:  # without the ledger "run once" cannot be kept: do not run
+            return Reply(False, f"{verb} not run: {e.one_line()}", command.id)
+        if claim.running:
+            return Reply(False, f"command {command.id!r} is already running; its reply follows", command.id,
+                         {"duplicate": True, "in_progress": True})
+        if claim.reply is not None:
+            return dataclasses.replace(claim.reply, id=command.id, data={**claim.reply.data, "duplicate": True})
+        reply = self._run(handler, command)
+        try:
+            self._ledger.record(command.id, reply)
+        except CommandError as e:
+            _log.error("command %s ran but its reply was not stored: %s", command.id, e.one_line())
+        return reply
+
+    def _run(self, handler: Handler, command: Command) -> Reply:
+        signer = f" (signed by {', '.join(k[:16] for k in command.signed_by)})" if command.signed_by else ""
+        _log.info("running command %s %s%s", command.verb, command.id, signer)
+        try:
+            reply = handler(command)
+        except EdgeRuntimeError as e:
+            reply = Reply(False, f"{command.verb} failed: {e.one_line()}")
+        except Exception as e:  # a handler bug is one failed command, not a dead command worker
+            _log.exception("command %s %s crashed", command.verb, command.id)
+            reply = Reply(False, f"{command.verb} failed: internal error ({type(e).__name__}; see the device log)")
+        return dataclasses.replace(reply, id=command.id)

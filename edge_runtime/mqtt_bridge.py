@@ -1,0 +1,243 @@
+"""Everything the daemon says and hears over MQTT (topics per DESIGN.md).
+
+    <prefix>/<device>/status           retained: online/offline + versions; Last Will = offline
+    <prefix>/<device>/telemetry        every telemetry_seconds, through the spool (seq)
+    <prefix>/<device>/events           QoS 1, every lifecycle event, through the spool (seq)
+    <prefix>/<device>/results/<model>  optional, rate-limited; MQTT-input results always
+    <prefix>/<device>/cmd/<verb>, <prefix>/group/<g>/cmd/<verb>, <prefix>/all/cmd/<verb>
+    replies: the MQTT 5 response topic + correlation data, else <prefix>/<device>/reply/<id>
+
+Telemetry and events are appended to the on-disk spool first and forwarded in
+order, paced, once the link is up; nothing is lost within the spool's bound.
+Commands run on a worker thread, never on the MQTT network thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .command_auth import CommandAuth
+from .command_ledger import CommandLedger
+from .commands import SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
+from .config import Config
+from .errors import LinkError
+from .forwarder import Forwarder
+from .mqtt_link import Message, MqttLink
+from .signing import load_trusted_keys
+from .spool import Spool
+from .telemetry import SystemStats, build_telemetry
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["MqttBridge", "resolve_device_id"]
+
+_log = logging.getLogger(__name__)
+_MACHINE_ID = Path("/etc/machine-id")
+
+
+def resolve_device_id(config: Config, machine_id: Path = _MACHINE_ID) -> str:
+    """``device_id`` from config, else /etc/machine-id, else the host name (topic-safe)."""
+    if config.device_id:
+        return config.device_id
+    try:
+        mid = machine_id.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        mid = ""
+    if mid and mid.isalnum():
+        return mid
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return host.strip("-._")[:64] or "edge-device"
+
+
+class MqttBridge:
+    """Owns the link, spool, forwarder, telemetry timer and command worker of a daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        config = daemon.config
+        self.mqtt = config.mqtt
+        self.device = resolve_device_id(config)
+        self.base = f"{self.mqtt.prefix}/{self.device}"
+        self.settings = daemon.settings
+        self.spool = Spool(config.state_dir / "mqtt-spool.db", max_messages=self.mqtt.spool_max_messages,
+                           max_bytes=self.mqtt.spool_max_bytes)
+        self.link = MqttLink(self.mqtt, self.mqtt.client_id or f"edge-{self.device}",
+                             will=(f"{self.base}/status", self._status_payload("offline", "connection lost")))
+        self.forwarder = Forwarder(self.spool, self.link, flush_rate=self.mqtt.flush_rate,
+                                   max_inflight=self.mqtt.max_inflight, connected=lambda: self.link.connected)
+        self.stats = SystemStats(config.state_dir)
+        self.dispatcher = self._build_dispatcher(config)
+        self._commands: queue.Queue[tuple[str, Message] | None] = queue.Queue(maxsize=64)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._result_times: dict[str, float] = {}
+        daemon.events.subscribe(self._on_event)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Subscribe to command topics, connect, start forwarding and telemetry."""
+        for filt in self._command_filters():
+            self.link.subscribe(filt, self._on_command_message, qos=1)
+        self.link.on_connect(self._on_connect)
+        self.link.start()
+        self.forwarder.start()
+        for target, name in ((self._telemetry_loop, "telemetry"), (self._command_loop, "commands")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Publish ``offline`` ourselves (no Last Will), stop the threads, close the spool."""
+        self._stop.set()
+        self._commands.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.forwarder.stop()
+        self.link.stop(final=(f"{self.base}/status", self._status_payload("offline", "clean shutdown")))
+        self.spool.close()
+        self.ledger.close()
+
+    @property
+    def alive(self) -> bool:
+        """The link machinery and our threads are running (systemd watchdog)."""
+        return self.link.alive and all(t.is_alive() for t in self._threads)
+
+    # ------------------------------------------------------------------ outgoing
+
+    def _status_payload(self, state: str, reason: str = "") -> bytes:
+        doc: dict[str, Any] = {"state": state, "device": self.device, "ts": round(time.time(), 3),
+                               "runtime": __version__, "groups": list(self.mqtt.groups)}
+        if reason:
+            doc["reason"] = reason
+        if state == "online":
+            doc["versions"] = self._versions()
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def _versions(self) -> dict[str, int | None]:
+        return {name: slot.version for name, slot in sorted(self.daemon.service.slots.items())}
+
+    def _publish_status(self) -> None:
+        """Retained ``online`` status with the versions now serving (republished on every connect)."""
+        try:
+            self.link.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
+        except LinkError as e:
+            _log.warning("could not publish status: %s", e.one_line())
+
+    def _on_connect(self) -> None:
+        self._publish_status()
+        self.forwarder.wake()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        topic = f"{self.base}/events"
+        self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
+                                                        sort_keys=True, default=str).encode())
+        self.forwarder.wake()
+        if event.get("kind") in ("activated", "rolled_back", "committed") and self.link.connected:
+            self._publish_status()
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
+            try:
+                self.publish_telemetry()
+            except Exception:  # a telemetry bug must not stop the loop (and the watchdog)
+                _log.exception("telemetry failed")
+
+    def publish_telemetry(self) -> int:
+        """Spool one telemetry message now; returns its seq."""
+        snapshot = self.daemon.metrics.snapshot()
+        stats = self.stats.sample()
+        spool_info = {"pending": self.spool.pending, "dropped": self.spool.dropped}
+        seq = self.spool.append(f"{self.base}/telemetry", lambda s: build_telemetry(
+            s, device=self.device, metrics_snapshot=snapshot, models=self._versions(), stats=stats,
+            spool=spool_info))
+        self.forwarder.wake()
+        return seq
+
+    def publish_result(self, result: dict[str, Any], correlation: bytes | None = None) -> None:
+        """Results sink: MQTT-input results always, others only when enabled and within the rate."""
+        model = str(result.get("model", ""))
+        if correlation is None:
+            if not self.settings.get("mqtt.results"):
+                return
+            now = time.monotonic()
+            if now - self._result_times.get(model, 0.0) < 1.0 / self.settings.get("mqtt.results_max_per_second"):
+                return
+            self._result_times[model] = now
+        payload = json.dumps(result, sort_keys=True, default=str).encode()
+        # Best effort: telemetry and events are the spooled record, results are not.
+        with contextlib.suppress(LinkError):
+            self.link.publish(f"{self.base}/results/{model}", payload, qos=1 if correlation else 0,
+                              correlation_data=correlation)
+
+    # ------------------------------------------------------------------ commands
+
+    def _command_filters(self) -> list[str]:
+        prefix = self.mqtt.prefix
+        return [f"{self.base}/cmd/+", f"{prefix}/all/cmd/+", *(f"{prefix}/group/{g}/cmd/+" for g in self.mqtt.groups)]
+
+    def _on_command_message(self, message: Message) -> None:
+        verb = message.topic.rsplit("/", 1)[-1]
+        try:
+            self._commands.put_nowait((verb, message))
+        except queue.Full:
+            self._reply(message, Reply(ok=False, message="device busy: too many commands queued", id=None))
+
+    def _command_loop(self) -> None:
+        while True:
+            item = self._commands.get()
+            if item is None:
+                return
+            verb, message = item
+            reply = self.dispatcher.handle(verb, message.payload)
+            self._reply(message, reply)
+
+    def _reply(self, message: Message, reply: Reply) -> None:
+        payload = reply.to_json()
+        if message.response_topic:
+            topic, correlation = message.response_topic, message.correlation_data
+        else:
+            topic, correlation = f"{self.base}/reply/{reply.id or 'invalid'}", None
+        try:
+            self.link.publish(topic, payload, qos=1, correlation_data=correlation)
+        except LinkError as e:
+            _log.warning("reply to %s lost: %s", topic, e.one_line())
+
+    def _build_dispatcher(self, config: Config) -> Dispatcher:
+        d = self.daemon
+        ledger = self.ledger = CommandLedger(config.state_dir / "commands.db", self.mqtt.command_id_window_seconds)
+        auth = None
+        if self.mqtt.signed_commands and self.mqtt.operator_keys_dir is not None:
+            auth = CommandAuth(load_trusted_keys(self.mqtt.operator_keys_dir),
+                               max_age_seconds=self.mqtt.command_max_age_seconds, nonce_store=ledger,
+                               max_bytes=self.mqtt.max_command_bytes, max_depth=self.mqtt.max_json_depth)
+        handlers = DeviceCommands(d.activator, d.ota, d.store, self.settings, self.status).handlers()
+        return Dispatcher(handlers, ledger=ledger, auth=auth, signed_verbs=SIGNED_VERBS if auth else (),
+                          max_bytes=self.mqtt.max_command_bytes, max_depth=self.mqtt.max_json_depth,
+                          device=self.device, groups=self.mqtt.groups)
+
+    def status(self) -> dict[str, Any]:
+        """The `status` command's answer."""
+        d = self.daemon
+        return {
+            "device": self.device,
+            "runtime": __version__,
+            "versions": self._versions(),
+            "probation": {n: d.activator.on_probation(n) for n in d.service.slots if d.activator.on_probation(n)},
+            "pinned": {m.name: m.pinned for m in d.store.cache.list_models() if m.pinned is not None},
+            "ready": d.service.ready,
+            "link": {"connected": self.link.connected},
+            "spool": {"pending": self.spool.pending, "dropped": self.spool.dropped},
+            "uptime_s": round(d.metrics.snapshot()["uptime_s"], 1),
+        }
+

@@ -1,0 +1,468 @@
+"""Bounded on-disk FIFO of outgoing MQTT messages (telemetry, events) that survives kill -9.
+
+One sqlite3 database in WAL mode holds the messages not yet acknowledged by the
+broker. Every message gets the next value of one sequence number shared by all
+topics; ``append`` hands it to a ``build(seq)`` callback so the payload can carry
+its own ``seq``. Sequence numbers are never reused: sqlite's AUTOINCREMENT keeps
+the highest one ever assigned even after its row is deleted, and a small sidecar
+file ``<name>.seq`` holds a floor above every assigned seq so that a database
+that had to be thrown away (corruption) does not restart numbering at 1, which
+would make subscribers that drop duplicates by seq discard fresh messages.
+
+Durability: ``synchronous=NORMAL`` (the default) commits each append to the WAL
+with a ``write()`` and no fsync, so every append that returned survives kill -9
+of the process (the data is in the kernel's page cache). A power cut may lose
+the appends the kernel had not yet written back (normally the last ~30 s, the
+dirty-page expiry) but never corrupts the file: WAL frames are checksummed.
+``synchronous="FULL"`` adds an fsync per append for power-cut durability, about
+8x the cost per append (``tools/bench_spool.py``) and one flash write per append.
+
+Bound: when adding a message would exceed ``max_messages`` or ``max_bytes``
+(payload plus topic bytes), the oldest messages are deleted first. They are
+counted in a persisted ``dropped`` counter and their seq ranges are kept (the
+latest ``MAX_DROPPED_RANGES``) so telemetry can tell subscribers which seqs are
+gone for good.
+
+A database that sqlite reports as corrupt (at open or later) is moved aside as
+``<name>.corrupt-<unix time>`` with a logged warning and recreated; the messages
+it held are counted as dropped when they can be counted. Other failures (disk
+full, I/O error, a locked file) raise :class:`EdgeRuntimeError`.
+
+One ``Spool`` per file per process: counts are cached in memory. All methods
+are thread-safe (one connection behind a lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeRuntimeError, InputError
+from .fsutil import atomic_write, make_private_dir
+
+__all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
+
+MAX_DROPPED_RANGES = 32
+SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 4096 appends
+_SCHEMA = 1
+_KEEP_CORRUPT = 2
+_VACUUM_PAGES = 256
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_log = logging.getLogger(__name__)
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS messages(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, qos INTEGER NOT NULL,
+    payload BLOB NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dropped_ranges(first INTEGER PRIMARY KEY, last INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('dropped', 0);
+"""
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One stored message, as returned by :meth:`Spool.peek`."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+
+
+class _Corrupt(Exception):
+    """Internal: the database must be moved aside."""
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlock
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(error).lower()
+    return "malformed" in text or "not a database" in text
+
+
+class Spool:
+    """A bounded, persistent, thread-safe FIFO of messages keyed by a global seq.
+
+    Raises (constructor and every method):
+        EdgeRuntimeError: the database cannot be used for a reason other than
+            corruption (disk full, I/O error, permissions, a symlink at ``path``).
+        ValueError: a bound below 1, an unknown ``synchronous`` mode or QoS (programming errors).
+    """
+
+    def __init__(self, path: Path, *, max_messages: int, max_bytes: int, synchronous: str = "NORMAL") -> None:
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("max_messages and max_bytes must be positive")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = path
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._synchronous = synchronous
+        self._floor_path = path.with_name(path.name + ".seq")
+        self._lock = threading.Lock()
+        self._count = self._bytes = self._dropped = 0
+        self._next_seq = 1
+        self._floor = 0
+        self._last_range: tuple[int, int] | None = None
+        self._conn: sqlite3.Connection | None = None
+        try:
+            make_private_dir(path.parent)
+        except OSError as e:
+            raise EdgeRuntimeError(f"spool directory {path.parent}: {e.strerror or e}") from e
+        for stale in path.parent.glob(f".{self._floor_path.name}.*.tmp"):  # a kill -9 during a floor write
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        with self._lock:
+            self._open()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def pending(self) -> int:
+        """Messages stored and not yet acknowledged."""
+        return self._count
+
+    @property
+    def pending_bytes(self) -> int:
+        """Payload plus topic bytes of the pending messages (what ``max_bytes`` bounds)."""
+        return self._bytes
+
+    @property
+    def dropped(self) -> int:
+        """Messages deleted unsent to respect the bound (or lost to corruption), ever."""
+        return self._dropped
+
+    def dropped_ranges(self) -> list[tuple[int, int]]:
+        """Inclusive seq ranges of dropped messages, oldest first (the latest ``MAX_DROPPED_RANGES``)."""
+        with self._lock:
+            rows = self._run(lambda c: c.execute("SELECT first, last FROM dropped_ranges ORDER BY first").fetchall())
+        return [(int(a), int(b)) for a, b in rows or ()]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for telemetry: pending, pending_bytes, dropped, dropped_ranges, next_seq."""
+        ranges = self.dropped_ranges()
+        return {"pending": self._count, "pending_bytes": self._bytes, "dropped": self._dropped,
+                "dropped_ranges": [list(r) for r in ranges[-8:]], "next_seq": self._next_seq}
+
+    def append(self, topic: str, build: Callable[[int], bytes], qos: int = 1) -> int:
+        """Store ``build(seq)`` under the next seq and return that seq; durable once it returns.
+
+        ``build`` runs under the spool's lock: it must be quick and must not call
+        the spool. If it raises, nothing is stored and the seq is not consumed.
+        Makes room by dropping the oldest messages when the bound is reached.
+
+        Raises:
+            InputError: the message alone is larger than ``max_bytes`` (it is
+                counted as dropped under its seq, so subscribers see why it is missing).
+            EdgeRuntimeError: the database cannot be written (disk full, I/O error).
+        """
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        with self._lock:
+            try:
+                return self._append(topic, build, qos)
+            except _Corrupt:
+                # The database was recreated; the message goes into the new one.
+                return self._append(topic, build, qos)
+
+    def peek(self, limit: int, *, after: int = 0) -> list[Spooled]:
+        """Up to ``limit`` pending messages with seq > ``after``, oldest first (nothing is removed)."""
+        with self._lock:
+            rows = self._run(lambda c: c.execute(
+                "SELECT seq, topic, payload, qos FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit)).fetchall())
+        return [Spooled(int(s), str(t), bytes(p), int(q)) for s, t, p, q in rows or ()]
+
+    def ack(self, seqs: int | Iterable[int], /) -> int:
+        """Delete delivered messages: every seq <= ``seqs`` (an int), or exactly those listed.
+
+        Returns the number of messages removed (already-gone seqs are ignored).
+        """
+        if isinstance(seqs, int):
+            where, params = "seq <= ?", [seqs]
+        else:
+            params = sorted(set(seqs))
+            if not params:
+                return 0
+            where = f"seq IN ({','.join('?' * len(params))})"
+        with self._lock:
+            result = self._run(lambda c: self._delete(c, where, params))
+        return result or 0
+
+    def close(self) -> None:
+        """Close the database (a WAL checkpoint happens here); later calls raise."""
+        with self._lock:
+            self._close_quietly()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _append(self, topic: str, build: Callable[[int], bytes], qos: int) -> int:
+        conn = self._connection()
+        seq = self._next_seq
+        payload = build(seq)
+        size = len(payload) + len(topic.encode())
+        try:
+            if seq >= self._floor:
+                self._raise_floor(seq + SEQ_RESERVE)
+            with _transaction(conn):
+                if size > self.max_bytes:
+                    # Consume the seq and explain it: subscribers find it in dropped_ranges.
+                    self._set_last_seq(conn, seq)
+                    self._record_drop(conn, seq, seq, 1)
+                else:
+                    self._make_room(conn, size)
+                    conn.execute("INSERT INTO messages(seq, topic, qos, payload, size) VALUES (?, ?, ?, ?, ?)",
+                                 (seq, topic, qos, payload, size))
+        except sqlite3.DatabaseError as e:
+            self._reload_after_failure()
+            self._handle(e)
+        except OSError as e:
+            raise EdgeRuntimeError(f"spool seq floor {self._floor_path}: {e.strerror or e}") from e
+        self._next_seq = seq + 1
+        if size > self.max_bytes:
+            self._dropped += 1
+            _log.warning("spool: message seq %d to %s is %d bytes, over the %d-byte bound: dropped",
+                         seq, topic, size, self.max_bytes)
+            raise InputError(f"message of {size} bytes exceeds the spool bound of {self.max_bytes} bytes")
+        self._count += 1
+        self._bytes += size
+        return seq
+
+    def _make_room(self, conn: sqlite3.Connection, size: int) -> None:
+        excess_count = self._count + 1 - self.max_messages
+        excess_bytes = self._bytes + size - self.max_bytes
+        if excess_count <= 0 and excess_bytes <= 0:
+            return
+        first = last = n = freed = 0
+        rows = conn.execute("SELECT seq, size FROM messages ORDER BY seq")
+        for seq, row_size in rows:
+            first = first or int(seq)
+            last, n, freed = int(seq), n + 1, freed + int(row_size)
+            if n >= excess_count and freed >= excess_bytes:
+                break
+        rows.close()
+        if n == 0:
+            return
+        conn.execute("DELETE FROM messages WHERE seq <= ?", (last,))
+        self._count -= n
+        self._bytes -= freed
+        self._record_drop(conn, first, last, n)
+        self._dropped += n
+
+    def _record_drop(self, conn: sqlite3.Connection, first: int, last: int, n: int) -> None:
+        conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
+        if self._last_range is not None and first == self._last_range[1] + 1:
+            conn.execute("UPDATE dropped_ranges SET last = ? WHERE first = ?", (last, self._last_range[0]))
+            self._last_range = (self._last_range[0], last)
+        else:
+            conn.execute("INSERT OR REPLACE INTO dropped_ranges(first, last) VALUES (?, ?)", (first, last))
+            conn.execute("DELETE FROM dropped_ranges WHERE first NOT IN "
+                         "(SELECT first FROM dropped_ranges ORDER BY first DESC LIMIT ?)", (MAX_DROPPED_RANGES,))
+            self._last_range = (first, last)
+
+    def _delete(self, conn: sqlite3.Connection, where: str, params: list[int]) -> int:
+        with _transaction(conn):
+            n, freed = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE {where}",  # noqa: S608
+                                    params).fetchone()
+            if n:
+                conn.execute(f"DELETE FROM messages WHERE {where}", params)  # noqa: S608
+        self._count -= int(n)
+        self._bytes -= int(freed)
+        if n and self._count == 0 and conn.execute("PRAGMA freelist_count").fetchone()[0] > _VACUUM_PAGES:
+            # Give a drained backlog's pages back to the file system. executescript steps the
+            # pragma to completion; execute() would free a single page.
+            conn.executescript("PRAGMA incremental_vacuum;")
+        return int(n)
+
+    def _run(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run a read or delete; on corruption recreate the database and return None."""
+        try:
+            return op(self._connection())
+        except sqlite3.DatabaseError as e:
+            self._reload_after_failure()
+            try:
+                self._handle(e)
+            except _Corrupt:
+                return None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise EdgeRuntimeError(f"spool {self.path} is closed")
+        return self._conn
+
+    def _handle(self, error: sqlite3.DatabaseError) -> None:
+        if not _is_corrupt(error):
+            raise EdgeRuntimeError(f"spool {self.path}: {error}") from error
+        count, span = self._salvage()
+        self._recover(str(error), max(count, self._count), span, self._next_seq)
+        raise _Corrupt from error
+
+    def _reload_after_failure(self) -> None:
+        # A failed transaction was rolled back: re-read the cached counters so they match the file.
+        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError):
+            self._load(self._connection())
+
+    # ------------------------------------------------------------------ open / recover
+
+    def _open(self) -> None:
+        self._floor = self._read_floor()
+        try:
+            self._conn = self._connect()
+            problem = self._check(self._conn)
+        except sqlite3.DatabaseError as e:
+            if not _is_corrupt(e):
+                self._close_quietly()
+                raise EdgeRuntimeError(f"spool {self.path}: {e}") from e
+            problem = str(e)
+        if problem is None:
+            return
+        # The floor, not the damaged file, says where numbering may safely go on.
+        self._recover(problem, *self._salvage(), None)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # Create it ourselves: 0600 and never through a symlink (sqlite gives -wal/-shm the same mode).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise EdgeRuntimeError(f"spool {self.path}: {e.strerror or e}") from e
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+
+    def _check(self, conn: sqlite3.Connection) -> str | None:
+        """Set up the schema and load the counters; return why the file is unusable, or None."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version not in (0, _SCHEMA):
+            return f"unknown spool schema {version}"
+        if version == 0:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on an empty file
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise EdgeRuntimeError(f"spool {self.path}: cannot enable WAL mode")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA journal_size_limit = 4194304")
+        result = [r[0] for r in conn.execute("PRAGMA quick_check(1)").fetchall()]
+        if result != ["ok"]:
+            return "quick_check: " + "; ".join(map(str, result))
+        conn.executescript(f"BEGIN; {_DDL} PRAGMA user_version = {_SCHEMA}; COMMIT;")
+        self._load(conn)
+        return None
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        count, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
+        dropped = int(conn.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()[0])
+        last = conn.execute("SELECT first, last FROM dropped_ranges ORDER BY first DESC LIMIT 1").fetchone()
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self._count, self._bytes, self._dropped = int(count), int(total), dropped
+        self._last_range = None if last is None else (int(last[0]), int(last[1]))
+        # The floor is a reservation ahead of use: only a database that lost its history
+        # starts there (a gap subscribers can see), a healthy one continues exactly.
+        self._next_seq = int(row[0]) + 1 if row else max(1, self._floor)
+
+    def _salvage(self) -> tuple[int, tuple[int, int] | None]:
+        """Best effort on a corrupt file: its dropped counter, how many messages it held, their seq range."""
+        span, count = None, 0
+        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
+            row = self._connection().execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            self._dropped = max(self._dropped, int(row[0]))
+        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
+            # MIN/MAX walk only the b-tree's edges, so they often work where COUNT(*) fails.
+            conn = self._connection()
+            lo = conn.execute("SELECT MIN(seq) FROM messages").fetchone()[0]
+            hi = conn.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
+            span = None if lo is None else (int(lo), int(hi))
+        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
+            count = int(self._connection().execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            return count, span
+        return (0 if span is None else span[1] - span[0] + 1), span  # at most that many
+
+    def _recover(self, reason: str, lost: int, span: tuple[int, int] | None, next_seq: int | None) -> None:
+        """Move the unusable database aside, start a fresh one, carry the counters over."""
+        self._close_quietly()
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        _log.warning("spool %s is unusable (%s): moved aside to %s and recreated; %d messages lost",
+                     self.path, " ".join(reason.split()), aside.name, lost)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        except OSError as e:
+            raise EdgeRuntimeError(f"spool {self.path}: cannot move a corrupt database aside: {e}") from e
+        self._prune_corrupt()
+        dropped = self._dropped + lost
+        self._floor = max(self._floor, self._read_floor())
+        conn = self._conn = self._connect()
+        problem = self._check(conn)
+        if problem is not None:
+            raise EdgeRuntimeError(f"spool {self.path}: a fresh database is unusable: {problem}")
+        start = next_seq if next_seq is not None else max(self._floor, 1)
+        with _transaction(conn):
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (dropped,))
+            if span is not None:
+                conn.execute("INSERT INTO dropped_ranges(first, last) VALUES (?, ?)", span)
+            if start > 1:
+                self._set_last_seq(conn, start - 1)
+        self._load(conn)
+
+    @staticmethod
+    def _set_last_seq(conn: sqlite3.Connection, seq: int) -> None:
+        # AUTOINCREMENT remembers the largest seq ever inserted, even once its row is gone.
+        conn.execute("INSERT INTO messages(seq, topic, qos, payload, size) VALUES (?, '', 0, x'', 0)", (seq,))
+        conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+    def _prune_corrupt(self) -> None:
+        old = sorted(self.path.parent.glob(f"{self.path.name}.corrupt-*[0-9]"))
+        for path in old[:-_KEEP_CORRUPT]:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}{suffix}").unlink()
+
+    def _close_quietly(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _read_floor(self) -> int:
+        try:
+            return int(self._floor_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            _log.warning("spool seq floor %s unreadable (%s): relying on the database", self._floor_path, e)
+            return 0
+
+    def _raise_floor(self, value: int) -> None:
+        atomic_write(self._floor_path, f"{value}\n".encode())
+        self._floor = value
