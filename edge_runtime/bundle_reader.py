@@ -43,7 +43,7 @@ from .errors import (
     SizeLimitError,
     UnsafeBundleError,
 )
-from .fsutil import create_exclusive, fsync_dir, make_private_dir, remove_tree
+from .fsutil import CLOEXEC, create_exclusive, fsync_dir, make_private_dir, remove_tree
 from .manifest import Manifest, StagedBundle, parse_manifest, validate_member_path
 from .onnx_external import check_no_external_data
 from .signing import verify_threshold
@@ -84,7 +84,7 @@ class BundleInfo:
 def _open_bundle(path: Path, limits: Limits) -> Iterator[tuple[BinaryIO, int]]:
     """Open ``path`` and check its size from fstat before reading a byte."""
     # O_NONBLOCK: opening a FIFO planted at the path must not hang the daemon.
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | CLOEXEC | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
     except OSError as e:

@@ -37,6 +37,7 @@ from .errors import IncompatibleError, ManifestError
 from .manifest import NAME_PATTERN, is_sha256_hex, is_valid_name
 from .requirements_check import format_timestamp, parse_timestamp
 from .signing import verify_threshold
+from .strict_json import unique_keys
 
 __all__ = [
     "CHANNEL_FILE",
@@ -173,14 +174,7 @@ def _resolve(base_url: str, url: str, name: str) -> str:
     return resolved
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # Two parsers could disagree on which value wins; refuse the ambiguity.
-            raise ManifestError(f"channel document repeats the key {key!r}")
-        out[key] = value
-    return out
+_UNIQUE_KEYS = unique_keys(lambda problem: ManifestError(f"channel document {problem}"))
 
 
 def _fields(obj: object, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -211,7 +205,7 @@ def _str(obj: dict[str, Any], key: str, where: str) -> str:
 
 def _decode(data: bytes) -> tuple[int, datetime, dict[str, ChannelEntry]]:
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_UNIQUE_KEYS)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ManifestError(f"channel document is not valid UTF-8 JSON: {e}") from e
     top = _fields(doc, "channel", ("schema", "sequence", "expires", "models"))

@@ -36,13 +36,11 @@ from pathlib import Path
 
 from .command_parse import Reply
 from .errors import CommandError, EdgeRuntimeError
-from .fsutil import make_private_dir
+from .fsutil import CLOEXEC, NOFOLLOW, make_private_dir
 
 __all__ = ["Claim", "CommandLedger"]
 
 _log = logging.getLogger(__name__)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, started REAL NOT NULL, reply TEXT);
 CREATE INDEX IF NOT EXISTS commands_started ON commands (started);
@@ -110,7 +108,7 @@ class CommandLedger:
     def _open(self) -> sqlite3.Connection:
         # Created here with O_NOFOLLOW and 0600: sqlite would follow a planted link and use
         # the umask. Its -wal and -shm files copy this file's mode.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600))
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600))
         try:
             return self._connect()
         except sqlite3.DatabaseError as e:
@@ -120,7 +118,7 @@ class CommandLedger:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(f"{self.path}{suffix}", f"{self.path}.corrupt{suffix}")
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600))
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600))
             return self._connect()
 
     def _connect(self) -> sqlite3.Connection:

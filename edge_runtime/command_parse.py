@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import CommandError
+from .strict_json import unique_keys
 
 __all__ = [
     "VERBS",
@@ -148,13 +149,7 @@ def _refuse_constant(text: str) -> float:
     raise CommandError(f"{text} is not a JSON number")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise CommandError(f"duplicate key {key[:64]!r}")
-        obj[key] = value
-    return obj
+_UNIQUE_KEYS = unique_keys(lambda problem: CommandError(f"command payload {problem}"))
 
 
 def load_object(payload: bytes, *, max_bytes: int, max_depth: int, what: str = "command payload") -> dict[str, Any]:
@@ -173,7 +168,7 @@ def load_object(payload: bytes, *, max_bytes: int, max_depth: int, what: str = "
         raise CommandError(f"{what} is not valid UTF-8 (byte {e.start})") from e
     _check_depth(text, max_depth, what)
     try:
-        doc = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_parse_int,
+        doc = json.loads(text, object_pairs_hook=_UNIQUE_KEYS, parse_int=_parse_int,
                          parse_float=_parse_float, parse_constant=_refuse_constant)
     except CommandError as e:
         raise CommandError(f"{what}: {e}") from e

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import FetchError
+from .fsutil import CLOEXEC, NOFOLLOW
 
 __all__ = ["CHUNK_BYTES", "FileSink", "Sink"]
 
 #: Bytes read (and written) at a time.
 CHUNK_BYTES = 64 << 10
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class Sink:
@@ -64,7 +63,7 @@ class FileSink(Sink):
         if self._fh is not None:
             return
         try:
-            fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+            fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
         except OSError as e:
             raise FetchError(f"cannot open download file {self.dest}: {e.strerror or e}") from e
         fh = os.fdopen(fd, "r+b")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -44,8 +43,9 @@ from urllib.parse import urljoin, urlsplit
 from . import __version__
 from .download_sink import CHUNK_BYTES, FileSink, Sink
 from .errors import FetchError, IntegrityError, SizeLimitError
+from .retry_policy import equal_jitter, redact_url
 
-__all__ = ["Fetcher", "Response", "redact_url"]
+__all__ = ["Fetcher", "Response"]
 
 # The logger name from before the policy had its own module (log configs name it).
 log = logging.getLogger("edge_runtime.http_fetcher")
@@ -53,21 +53,7 @@ log = logging.getLogger("edge_runtime.http_fetcher")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIED_4XX = frozenset({408, 429})
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
-_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def redact_url(url: str) -> str:
-    """``url`` safe to log: ``user:pass@`` becomes ``***@``, a query ``?***``, a fragment ``#***``.
-
-    Never raises; non-printable characters become ``?`` (no log injection).
-    """
-    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
-    head = _USERINFO_RE.sub(r"\1***@", url[:cut])
-    if "@" in head and "://" not in head:
-        return "<redacted URL>"  # no scheme, so no telling where credentials end
-    head = "".join(c if c.isprintable() else "?" for c in head)
-    return head + (url[cut] + "***" if cut < len(url) else "")
 
 
 class Response(Protocol):
@@ -212,10 +198,7 @@ class Fetcher(abc.ABC):
             self._sleep(delay)
 
     def _backoff(self, failures: int) -> float:
-        step = min(self.backoff_max, self.backoff_base * 2.0 ** min(failures - 1, 60))
-        # Equal jitter: devices that failed together spread out, yet every wait is at
-        # least half its step, so the delays still grow until the cap.
-        return step * (0.5 + 0.5 * random.random())  # noqa: S311 - jitter, not a secret
+        return equal_jitter(failures - 1, self.backoff_base, self.backoff_max)
 
     def _attempt(
         self, url: str, sink: Sink, max_bytes: int, expected_size: int | None, deadline_at: float

@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 __all__ = [
     "CHUNK",
+    "CLOEXEC",
+    "NOFOLLOW",
     "atomic_write",
     "create_exclusive",
     "fsync_dir",
@@ -31,13 +33,14 @@ __all__ = [
 ]
 
 CHUNK = 1 << 20
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: Open flags that are 0 where the platform lacks them.
+NOFOLLOW: int = getattr(os, "ONOFOLLOW", 0)
+CLOEXEC: int = getattr(os, "OCLOEXEC", 0)
 
 
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename or create inside it survives power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -55,7 +58,7 @@ def fsync_tree(root: Path, file_mode: int | None = None, dir_mode: int | None = 
     """
     for top, dirs, files in os.walk(root, topdown=False, onerror=_reraise, followlinks=False):
         # os.walk lists a symlink to a directory under ``dirs``; opening it
-        # with O_NOFOLLOW below raises, which is what we want.
+        # with ONOFOLLOW below raises, which is what we want.
         for name in files + dirs:
             _sync_one(Path(top) / name, name in dirs, file_mode, dir_mode)
     _sync_one(root, True, file_mode, dir_mode)
@@ -68,7 +71,7 @@ def _reraise(error: OSError) -> None:
 
 def _sync_one(path: Path, is_dir: bool, file_mode: int | None, dir_mode: int | None) -> None:
     # O_NONBLOCK so a planted FIFO fails the regular-file check instead of hanging.
-    flags = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC | (os.O_DIRECTORY if is_dir else 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW | CLOEXEC | (os.O_DIRECTORY if is_dir else 0)
     fd = os.open(path, flags)
     try:
         if not is_dir and not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -95,12 +98,12 @@ def make_private_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def create_exclusive(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
-    """Open a new file for writing: O_CREAT|O_EXCL|O_NOFOLLOW, ``mode`` 0600.
+    """Open a new file for writing: O_CREAT|O_EXCL|ONOFOLLOW, ``mode`` 0600.
 
     The file is fsynced on clean exit. It fails if anything exists at ``path``,
     symlinks included, so a planted link can never redirect the write.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC
     fd = os.open(path, flags, mode)
     with os.fdopen(fd, "wb") as fh:
         yield fh
@@ -147,7 +150,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
     """Stream ``path`` (not following a final symlink) and return (sha256 hex, size)."""
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
@@ -161,7 +164,7 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
     Raises:
         OSError: unreadable or a symlink; EFBIG when larger than ``max_bytes``.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW | CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .retry_policy import equal_jitter
+
 __all__ = ["Delivery", "Dispatcher", "Message", "backoff_delay"]
 
 _log = logging.getLogger("edge_runtime.mqtt_link")  # one logger for the whole link, whichever module speaks
@@ -76,13 +78,10 @@ class Delivery:
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
     """Seconds to wait before reconnect ``attempt`` (0 = the first after a loss or at start-up failure).
 
-    Exponential with "equal jitter": uniform in ``[max(low, cap/2), cap]`` where
-    ``cap = min(high, low * 2**(attempt+1))``, so devices that lost the same
-    broker do not come back in lock-step, and the result stays in ``[low, high]``.
+    Exponential from ``low`` with equal jitter, within ``[low, high]``: devices that
+    lost the same broker do not come back in lock-step.
     """
-    high = max(high, low)
-    cap = min(high, low * 2.0 ** min(attempt + 1, 64))
-    return rng.uniform(max(low, cap / 2), cap)
+    return equal_jitter(attempt + 1, low, max(high, low), rng, floor=low)
 
 
 class Dispatcher:

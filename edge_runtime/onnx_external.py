@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import BundleError, ManifestError, UnsafeBundleError
+from .fsutil import CLOEXEC
 
 __all__ = ["MAX_DEPTH", "ExternalDataRef", "check_no_external_data", "find_external_data"]
 
@@ -267,7 +268,7 @@ def find_external_data(path: Path, *, max_depth: int = MAX_DEPTH) -> list[Extern
         BundleError: the file cannot be opened or read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | CLOEXEC)
     except OSError as e:
         raise BundleError(f"cannot read ONNX model {path}: {e.strerror or e}") from e
     with os.fdopen(fd, "rb") as fh:

@@ -23,9 +23,10 @@ from .commands import pinned_version
 from .config import OtaConfig
 from .errors import EdgeRuntimeError, FetchError
 from .events import EventBus
-from .fetcher import Fetcher, redact_url
+from .fetcher import Fetcher
 from .http_fetcher import HttpFetcher
 from .model_store import ModelStore
+from .retry_policy import redact_url
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 

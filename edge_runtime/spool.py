@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeRuntimeError, InputError
-from .fsutil import atomic_write, make_private_dir
+from .fsutil import CLOEXEC, NOFOLLOW, atomic_write, make_private_dir
 
 __all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
 
@@ -55,8 +55,6 @@ SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 40
 _SCHEMA = 1
 _KEEP_CORRUPT = 2
 _VACUUM_PAGES = 256
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _log = logging.getLogger(__name__)
 
@@ -352,7 +350,7 @@ class Spool:
     def _connect(self) -> sqlite3.Connection:
         try:
             # Create it ourselves: 0600 and never through a symlink (sqlite gives -wal/-shm the same mode).
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
             try:
                 os.fchmod(fd, 0o600)
             finally:

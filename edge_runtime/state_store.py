@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CacheError
-from .fsutil import atomic_write, make_private_dir, read_capped
+from .fsutil import CLOEXEC, NOFOLLOW, atomic_write, make_private_dir, read_capped
 from .manifest import is_valid_name
 
 __all__ = [
@@ -48,8 +48,6 @@ STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 MAX_STATE_BYTES = 4 << 20
 _MAX_INT = 2**53
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -252,7 +250,7 @@ class StateStore:
 
     def _acquire(self) -> int:
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
         except OSError as e:
             raise CacheError(f"{self.lock_path}: cannot open lock file: {e.strerror or e}") from e
         try:

@@ -222,7 +222,7 @@ HOSTILE = [  # (case, verb, payload, message part, id recovered for the reply)
     ("huge integer", "ping", b'{"id":"int-1","ts":1,"args":{"n":' + b"9" * 5000 + b"}}", "too large", "int-1"),
     ("1e999", "ping", b'{"id":"inf-1","ts":1,"args":{"n":1e999}}', "out of range", "inf-1"),
     ("NaN", "ping", b'{"id":"nan-1","ts":NaN}', "NaN is not a JSON number", "nan-1"),
-    ("duplicate key", "ping", b'{"id":"dup-1","ts":1,"ts":2}', "duplicate key 'ts'", "dup-1"),
+    ("duplicate key", "ping", b'{"id":"dup-1","ts":1,"ts":2}', "repeats the key 'ts'", "dup-1"),
     ("no id", "ping", b'{"ts":1}', "missing 'id'", None),
     ("id with a slash", "ping", b'{"id":"a/b","ts":1}', "command id must be", None),
     ("id too long", "ping", json.dumps({"id": "x" * 129, "ts": 1}).encode(), "command id must be", None),

@@ -20,8 +20,9 @@ from http_fault_server import FaultServer, Route, TlsFiles, make_tls
 
 from edge_runtime.config import OtaConfig
 from edge_runtime.errors import ConfigError, FetchError, IntegrityError, SizeLimitError
-from edge_runtime.fetcher import Fetcher, Response, redact_url
+from edge_runtime.fetcher import Fetcher, Response
 from edge_runtime.http_fetcher import HttpFetcher
+from edge_runtime.retry_policy import redact_url
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()

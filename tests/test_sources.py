@@ -23,8 +23,9 @@ from edge_runtime.config import Limits, SourceConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.events import EventBus
 from edge_runtime.metrics import Metrics
+from edge_runtime.retry_policy import redact_url
 from edge_runtime.sources import NoSource, Source, SourceContext, build_source
-from edge_runtime.sources.capture import CaptureSource, backoff_delay, redact_url
+from edge_runtime.sources.capture import CaptureSource, backoff_delay
 from edge_runtime.sources.folder import FolderSource, state_db_path
 
 POLL = 0.02

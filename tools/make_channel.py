@@ -29,8 +29,9 @@ from pathlib import Path
 
 from edge_runtime.bundle_reader import inspect_bundle
 from edge_runtime.channel import CHANNEL_FILE, SIGNATURE_FILE, ChannelEntry, build_channel
+from edge_runtime.cli.common import report_errors
 from edge_runtime.config import Limits
-from edge_runtime.errors import ConfigError, EdgeRuntimeError, ManifestError
+from edge_runtime.errors import ConfigError, ManifestError
 from edge_runtime.fsutil import atomic_write, create_exclusive, fsync_dir, sha256_file
 from edge_runtime.requirements_check import format_timestamp
 from edge_runtime.signing import key_id, load_private_key, sign_document
@@ -126,16 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="publication dir (channel + bundles)")
     parser.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
     args = parser.parse_args(argv)
-    try:
-        lines = publish(args.key, args.sequence, args.expires_in_hours, args.out, args.bundles)
-    except EdgeRuntimeError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    def run() -> int:
+        print("\n".join(publish(args.key, args.sequence, args.expires_in_hours, args.out, args.bundles)))
+        return 0
+
+    return report_errors(run)
 
 
 if __name__ == "__main__":

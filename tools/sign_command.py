@@ -20,9 +20,10 @@ import json
 import sys
 from pathlib import Path
 
+from edge_runtime.cli.common import report_errors
 from edge_runtime.command_auth import new_command, sign_command
 from edge_runtime.command_parse import VERBS
-from edge_runtime.errors import CommandError, EdgeRuntimeError
+from edge_runtime.errors import CommandError
 from edge_runtime.fsutil import atomic_write
 from edge_runtime.signing import load_private_key
 
@@ -56,19 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--group", default=None, help="only devices in this group may accept it")
     parser.add_argument("--out", type=Path, default=None, help="write here (default: stdout)")
     opts = parser.parse_args(argv)
-    try:
+    def run() -> int:
         payload = build(opts.verb, opts.key, opts.args, command_id=opts.id, device=opts.device, group=opts.group)
         if opts.out is None:
             sys.stdout.write(payload.decode() + "\n")
         else:
             atomic_write(opts.out, payload, 0o644)
-    except EdgeRuntimeError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return report_errors(run)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import EdgeRuntimeError
 from . import bundle_cmd, models_cmd, run_cmd, serve_cmd
-from .common import Context, add_common_options
+from .common import Context, add_common_options, report_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -45,17 +44,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        code: int = args.handler(Context.from_args(args), args)
-        return code
-    except EdgeRuntimeError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return report_errors(lambda: int(args.handler(Context.from_args(args), args)))
 

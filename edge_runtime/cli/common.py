@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
+from ..errors import EdgeRuntimeError
 from ..model_store import ModelStore
 
-__all__ = ["Context", "add_common_options", "emit", "verb_parser"]
+__all__ = ["Context", "add_common_options", "emit", "report_errors", "verb_parser"]
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
@@ -74,6 +76,23 @@ class Context:
         if self._store is None:
             self._store = ModelStore(self.config)
         return self._store
+
+
+def report_errors(run: Callable[[], int]) -> int:
+    """Run ``run``; turn our errors and OS errors into one ``error: ...`` line and exit code 1
+    (130 on Ctrl-C). Shared by the CLI and the publisher tools under tools/."""
+    try:
+        return run()
+    except EdgeRuntimeError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def emit(ctx: Context, data: Any, text: str) -> None:

@@ -34,10 +34,10 @@ import numpy as np
 
 from ..config import SourceConfig
 from ..errors import ConfigError
+from ..retry_policy import equal_jitter, redact_url
 from . import Item, Source, SourceContext
 
-__all__ = ["BACKOFF_BASE_SECONDS", "Capture", "CaptureFactory", "CaptureSource", "backoff_delay", "open_capture",
-           "redact_url"]
+__all__ = ["BACKOFF_BASE_SECONDS", "Capture", "CaptureFactory", "CaptureSource", "backoff_delay", "open_capture"]
 
 BACKOFF_BASE_SECONDS = 0.25
 NETWORK_TIMEOUT_MS = 5000  # bounds a blocking open/read on a dead stream (and so how long stop() can wait)
@@ -83,30 +83,9 @@ def open_capture(target: str | int) -> Capture:
     return capture
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:pass@`` and query string replaced by ``***`` (safe to log).
-
-    Everything up to the last ``@`` is treated as credentials, so a password
-    holding ``/`` or ``@`` is still hidden.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    if "?" in rest:
-        rest = rest.partition("?")[0] + "?***"
-    return f"{scheme}{sep}{rest}"
-
-
 def backoff_delay(attempt: int, cap: float, rng: random.Random) -> float:
-    """Seconds before retry number ``attempt`` (0-based): doubling from 0.25 s, capped, with jitter.
-
-    The jitter keeps the upper half of the delay ("equal jitter") so devices
-    that lost the same camera server do not retry in lockstep.
-    """
-    delay = min(cap, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt, 30))
-    return delay / 2 + rng.uniform(0, delay / 2)
+    """Seconds before retry number ``attempt`` (0-based): doubling from 0.25 s, capped, equal jitter."""
+    return equal_jitter(attempt, BACKOFF_BASE_SECONDS, cap, rng)
 
 
 class CaptureSource(Source):

@@ -34,14 +34,12 @@ from pathlib import Path
 
 from ..config import Limits, SourceConfig
 from ..errors import ConfigError, InputError
-from ..fsutil import make_private_dir
+from ..fsutil import CLOEXEC, NOFOLLOW, make_private_dir
 from . import Item, Source, SourceContext
 
 __all__ = ["DEFAULT_EXTENSIONS", "FolderSource", "state_db_path"]
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".npy")
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SCHEMA = """CREATE TABLE IF NOT EXISTS processed (
     name TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, error TEXT, at REAL NOT NULL)"""
 Signature = tuple[int, int]  # (size, mtime_ns): what identifies one content of a file name
@@ -183,7 +181,7 @@ class FolderSource(Source):
         """
         try:
             # O_NOFOLLOW: a file swapped for a symlink after the scan is refused, not followed.
-            fd = os.open(self.folder / name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC)
+            fd = os.open(self.folder / name, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW | CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -233,7 +231,7 @@ class FolderSource(Source):
     def _open_db(self) -> sqlite3.Connection:
         make_private_dir(self.db_path.parent)
         # Create it 0600 ourselves, refusing a planted symlink; SQLite gives -wal/-shm the same mode.
-        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
         finally:
@@ -251,7 +249,7 @@ class FolderSource(Source):
                     self.db_path.with_name(self.db_path.name + suffix).unlink()
             self.ctx.events.emit("source_state_reset", reason=f"{self.db_path}: {e}; moved to {aside.name}",
                                  pipeline=self.ctx.pipeline, source=self.label)
-            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600)
             os.close(fd)
             return self._connect()
 
