@@ -59,7 +59,8 @@ Example (all sections shown with their defaults)::
     prefix = "edge"
     groups = []                 # also obey edge/group/<g>/cmd/<verb>
     username = ""
-    # password_file = "/etc/edge-runtime/mqtt-password"  # or the systemd credential "mqtt-password"
+    # password_file = "/etc/edge-runtime/mqtt-password"
+    password_credential = "mqtt-password"   # else this systemd credential, if loaded (empty = none)
     tls = false
     # ca_file / cert_file / key_file = "/etc/edge-runtime/..."   (client cert + key = mTLS)
     keepalive_seconds = 30

@@ -209,7 +209,9 @@ class MqttBridge:
         else:
             topic, correlation = f"{self.base}/reply/{reply.id or 'invalid'}", None
         try:
-            self.link.publish(topic, payload, qos=1, correlation_data=correlation)
+            # The device property tells a fleet tool which device answered a group command.
+            self.link.publish(topic, payload, qos=1, correlation_data=correlation,
+                              user_properties=(("device", self.device),))
         except LinkError as e:
             _log.warning("reply to %s lost: %s", topic, e.one_line())
 

@@ -81,13 +81,14 @@ def build_ssl_context(config: MqttConfig) -> ssl.SSLContext:
 
 def read_password(config: MqttConfig, credentials_dir: str | None) -> Secret | None:
     """The broker password: ``config.password_file``, else the systemd credential
-    ``<credentials_dir>/<config.password_credential>`` when it exists, else None.
+    ``<credentials_dir>/<config.password_credential>`` when it exists and is not
+    empty (the unit always loads it; an empty file means "no password"), else None.
 
     Read once, capped at :data:`MAX_PASSWORD_BYTES`, one trailing newline stripped.
     No message raised here ever contains the password.
 
     Raises:
-        LinkError: the file cannot be read, is empty, too large or not UTF-8.
+        LinkError: the file cannot be read, too large, not UTF-8, or an empty password_file.
         ConfigError: the credential name is not a plain file name.
     """
     if config.password_file is not None:
@@ -114,6 +115,8 @@ def read_password(config: MqttConfig, credentials_dir: str | None) -> Secret | N
     elif data.endswith(b"\n"):
         data = data[:-1]
     if not data:
+        if config.password_file is None:
+            return None
         raise LinkError(f"MQTT password {path}: empty")
     try:
         text = data.decode("utf-8")

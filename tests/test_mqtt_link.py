@@ -464,3 +464,14 @@ def test_password_file_caps_and_errors_never_leak(tmp_path: Path) -> None:
     assert read_password(MqttConfig(), str(tmp_path)) is None  # no credential provided: anonymous
     with pytest.raises(ConfigError, match="password_credential"):
         read_password(MqttConfig(password_credential="../etc/shadow"), str(tmp_path))
+
+
+def test_empty_credential_means_no_password_but_empty_password_file_is_an_error(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_bytes(b"\n")  # what `install -m 0600 /dev/null` plus an editor leaves
+    assert read_password(MqttConfig(), str(creds)) is None
+    empty = tmp_path / "pw"
+    empty.write_bytes(b"")
+    with pytest.raises(LinkError, match="empty"):
+        read_password(MqttConfig(password_file=empty), None)
