@@ -34,8 +34,8 @@ __all__ = [
 
 CHUNK = 1 << 20
 #: Open flags that are 0 where the platform lacks them.
-NOFOLLOW: int = getattr(os, "ONOFOLLOW", 0)
-CLOEXEC: int = getattr(os, "OCLOEXEC", 0)
+NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -58,7 +58,7 @@ def fsync_tree(root: Path, file_mode: int | None = None, dir_mode: int | None = 
     """
     for top, dirs, files in os.walk(root, topdown=False, onerror=_reraise, followlinks=False):
         # os.walk lists a symlink to a directory under ``dirs``; opening it
-        # with ONOFOLLOW below raises, which is what we want.
+        # with O_NOFOLLOW below raises, which is what we want.
         for name in files + dirs:
             _sync_one(Path(top) / name, name in dirs, file_mode, dir_mode)
     _sync_one(root, True, file_mode, dir_mode)
@@ -98,7 +98,7 @@ def make_private_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def create_exclusive(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
-    """Open a new file for writing: O_CREAT|O_EXCL|ONOFOLLOW, ``mode`` 0600.
+    """Open a new file for writing: O_CREAT|O_EXCL|O_NOFOLLOW, ``mode`` 0600.
 
     The file is fsynced on clean exit. It fails if anything exists at ``path``,
     symlinks included, so a planted link can never redirect the write.
