@@ -22,6 +22,7 @@ Example (all sections shown with their defaults)::
     [backend]
     providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     threads = 0                 # intra-op threads; 0 = runtime default
+    spin_wait = true            # onnxruntime pool threads busy-wait between runs (false: leave cores to other apps)
 
     [api]
     enabled = true
@@ -179,6 +180,7 @@ class BackendConfig:
         metadata={"check": _known_providers},
     )
     threads: int = field(default=0, metadata={"check": in_range(0, 256)})
+    spin_wait: bool = True
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:

@@ -59,6 +59,7 @@ class ModelStore:
         return BackendOptions(
             providers=self.config.backend.providers,
             threads=self.config.backend.threads,
+            spin_wait=self.config.backend.spin_wait,
             cache_dir=self.config.state_dir / "engines",
         )
 

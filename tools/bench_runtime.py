@@ -12,15 +12,13 @@ overhead (ratio and microseconds). ``predict`` adds dequantise + postprocess.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.benchmark import bare_runner, compare, random_feeds
 from edge_runtime.bundle_writer import BundleSpec, pack_bundle
 from edge_runtime.config import BackendConfig, Config
 from edge_runtime.loaded_model import LoadedModel
@@ -55,59 +53,10 @@ def _install(path: Path, threads: int, work: Path) -> LoadedModel:
     return store.load(name)
 
 
-def _bare(path: Path, threads: int, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-    if path.suffix == ".onnx":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return lambda: session.run(None, feeds)
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=threads)
-    interp.allocate_tensors()
-    ins = [(d["index"], feeds[d["name"]]) for d in interp.get_input_details()]
-    outs = [d["index"] for d in interp.get_output_details()]
-
-    def call() -> list[np.ndarray]:
-        for index, value in ins:
-            interp.set_tensor(index, value)
-        interp.invoke()
-        return [interp.get_tensor(i) for i in outs]
-
-    return call
-
-
 def _feeds(model: LoadedModel) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {t.name: rng.standard_normal([1 if d is None else d for d in t.shape]).astype(t.dtype)
-            if t.name != "x" or t.shape[2] is not None
-            else rng.standard_normal((1, 3, 48, 192)).astype(t.dtype)
-            for t in model.backend.inputs}
-
-
-def _alternate(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple[list[float], list[float]]:
-    for _ in range(20):
-        a()
-        b()
-    ta: list[float] = []
-    tb: list[float] = []
-    for i in range(runs):
-        first, second, first_t, second_t = (a, b, ta, tb) if i % 2 == 0 else (b, a, tb, ta)
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        first_t.append((t1 - t0) * 1e6)
-        second_t.append((t2 - t1) * 1e6)
-    return ta, tb
-
-
-def _p95(samples: list[float]) -> float:
-    return float(np.percentile(samples, 95))
+    # ppocr_cls has dynamic height/width: feed the 48x192 text-line crop it was trained on.
+    shapes = {t.name: (None, None, 48, 192) for t in model.backend.inputs if len(t.shape) == 4 and t.shape[2] is None}
+    return random_feeds(model.backend.inputs, shapes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,14 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             model = _install(path, args.threads, work)
             feeds = _feeds(model)
-            bare = _bare(path, args.threads, feeds)
+            bare = bare_runner(path, _FORMATS[path.suffix], args.threads, feeds)
             calls = {"infer": lambda m=model, f=feeds: m.infer(f),
                      "predict": lambda m=model, f=feeds: m.predict_tensor(f[m.preprocess_input.name])}
             for label, lib in calls.items():
-                tb, tl = _alternate(bare, lib, args.runs)
-                b50, l50 = statistics.median(tb), statistics.median(tl)
-                print(f"{key:20} {label:9} {b50:9.1f} {l50:9.1f} {l50 / b50:6.3f} {l50 - b50:+7.1f} "
-                      f"{_p95(tb):9.1f} {_p95(tl):9.1f}")
+                r = compare(bare, lib, args.runs)
+                print(f"{key:20} {label:9} {r.bare.median_us:9.1f} {r.library.median_us:9.1f} {r.ratio:6.3f} "
+                      f"{r.delta_us:+7.1f} {r.bare.p95_us:9.1f} {r.library.p95_us:9.1f}")
             model.close()
     return 0
 

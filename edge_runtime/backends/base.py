@@ -45,12 +45,15 @@ class BackendOptions:
 
     ``providers``: ONNX execution providers in order of preference; missing
     ones are skipped with a logged reason. ``threads``: intra-op threads (0 =
-    runtime default). ``cache_dir``: where compiled engines live (TensorRT),
-    keyed by ``model_sha256`` so an engine is built once per model.
+    runtime default). ``spin_wait``: let idle pool threads busy-wait between
+    runs (faster with several threads, costs CPU the device's own application
+    may need). ``cache_dir``: where compiled engines live (TensorRT), keyed by
+    ``model_sha256`` so an engine is built once per model.
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0
+    spin_wait: bool = True
     cache_dir: Path | None = None
     model_sha256: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
