@@ -138,6 +138,11 @@ class TFLiteBackend(Backend):
             str(d["name"]): tuple(int(x) for x in d["shape"]) for d in input_details
         }
 
+    @property
+    def interpreter(self) -> Any:
+        """The underlying interpreter (diagnostics, benchmarks); not thread-safe on its own."""
+        return self._interpreter
+
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Set, invoke and get under the lock (the interpreter is not thread-safe).
 
