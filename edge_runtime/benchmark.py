@@ -19,7 +19,7 @@ import numpy as np
 from .backends.base import TensorInfo
 from .errors import InputError, ModelLoadError
 
-__all__ = ["BenchResult", "Timing", "alternate", "bare_runner", "compare", "random_feeds"]
+__all__ = ["BenchResult", "Timing", "alternate", "bare_runner", "compare", "interpreter_call", "random_feeds"]
 
 CPU = "CPUExecutionProvider"
 
@@ -135,17 +135,22 @@ def bare_runner(path: Path, fmt: str, threads: int, feeds: Mapping[str, np.ndarr
         interpreter_class, _ = load_interpreter_class()
         interp = interpreter_class(model_path=str(path), num_threads=threads if threads > 0 else None)
         interp.allocate_tensors()
-        ins = [(d["index"], feeds[d["name"]]) for d in interp.get_input_details()]
-        outs = [d["index"] for d in interp.get_output_details()]
-
-        def call() -> list[np.ndarray]:
-            for index, value in ins:
-                interp.set_tensor(index, value)
-            interp.invoke()
-            return [interp.get_tensor(i) for i in outs]
-
-        return call
+        return interpreter_call(interp, feeds)
     raise ModelLoadError(f"no bare runtime for format {fmt!r}")
+
+
+def interpreter_call(interp: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+    """The bare TFLite call: set_tensor for every input, invoke, get_tensor for every output."""
+    ins = [(d["index"], feeds[d["name"]]) for d in interp.get_input_details()]
+    outs = [d["index"] for d in interp.get_output_details()]
+
+    def call() -> list[np.ndarray]:
+        for index, value in ins:
+            interp.set_tensor(index, value)
+        interp.invoke()
+        return [interp.get_tensor(i) for i in outs]
+
+    return call
 
 
 def random_feeds(inputs: Sequence[TensorInfo], shapes: Mapping[str, Sequence[int | None]] | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .backends import create_backend
-from .backends.base import Backend, BackendOptions, TensorInfo, dequantize, quantize
+from .backends.base import Backend, BackendOptions, TensorInfo, dequantize, fit_tensor
 from .config import Limits
 from .errors import InputError, IntegrityError, SignatureMismatchError
 from .fsutil import sha256_file
@@ -130,15 +130,7 @@ class LoadedModel:
         info = self._inputs.get(input_name or self.preprocess_input.name)
         if info is None:
             raise InputError(f"model has no input named {input_name!r}")
-        if array.ndim == len(info.shape) - 1:
-            array = array[None]
-        if array.dtype == np.dtype(info.dtype):
-            return array
-        if info.quantization is not None and array.dtype.kind == "f":
-            return quantize(array, info)
-        if np.can_cast(array.dtype, info.dtype, "same_kind"):
-            return array.astype(info.dtype)
-        raise InputError(f"input {info.name!r} needs {info.dtype}, got {array.dtype}")
+        return fit_tensor(array, info)
 
     def dequantized(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs with quantised integer tensors converted to float32."""

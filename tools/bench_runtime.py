@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.benchmark import bare_runner, compare, random_feeds
+from edge_runtime.benchmark import bare_runner, compare, interpreter_call, random_feeds
 from edge_runtime.bundle_writer import BundleSpec, pack_bundle
 from edge_runtime.config import BackendConfig, Config
 from edge_runtime.loaded_model import LoadedModel
@@ -67,17 +67,7 @@ def _same_runtime(model: LoadedModel, feeds: dict[str, np.ndarray]) -> Callable[
     if hasattr(backend, "session"):
         session = backend.session
         return lambda: session.run(None, feeds)
-    interp = backend.interpreter
-    ins = [(d["index"], feeds[d["name"]]) for d in interp.get_input_details()]
-    outs = [d["index"] for d in interp.get_output_details()]
-
-    def call() -> list[np.ndarray]:
-        for index, value in ins:
-            interp.set_tensor(index, value)
-        interp.invoke()
-        return [interp.get_tensor(i) for i in outs]
-
-    return call
+    return interpreter_call(backend.interpreter, feeds)
 
 
 def main(argv: list[str] | None = None) -> int:

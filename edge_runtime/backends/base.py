@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError
 
-__all__ = ["Backend", "BackendOptions", "TensorInfo", "dequantize", "quantize"]
+__all__ = ["Backend", "BackendOptions", "TensorInfo", "dequantize", "fit_tensor", "quantize"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,24 @@ def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
     q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero
     out: np.ndarray = np.clip(q, limits.min, limits.max).astype(info.dtype)
     return out
+
+
+def fit_tensor(array: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """``array`` fitted to an input: batch dim added, floats quantised, safe casts.
+
+    Raises:
+        InputError: an unsafe dtype conversion (e.g. float to int without quantisation).
+    """
+    if array.ndim == len(info.shape) - 1:
+        array = array[None]
+    if array.dtype == np.dtype(info.dtype):
+        return array
+    if info.quantization is not None and array.dtype.kind == "f":
+        return quantize(array, info)
+    if np.can_cast(array.dtype, info.dtype, "same_kind"):
+        cast: np.ndarray = array.astype(info.dtype)
+        return cast
+    raise InputError(f"input {info.name!r} needs {info.dtype}, got {array.dtype}")
 
 
 def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:

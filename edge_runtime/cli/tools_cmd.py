@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import create_backend
-from ..backends.base import Backend, BackendOptions, TensorInfo, quantize
+from ..backends.base import Backend, BackendOptions, TensorInfo, fit_tensor
 from ..benchmark import BenchResult, bare_runner, compare, random_feeds
 from ..errors import InputError, ManifestError
 from ..manifest import Preprocess
@@ -145,19 +145,6 @@ class _Target:
     close: Callable[[], None]
 
 
-def _fit(array: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """A .npy tensor fitted to an input: batch dim added, quantised or safely cast."""
-    if array.ndim == len(info.shape) - 1:
-        array = array[None]
-    if array.dtype == np.dtype(info.dtype):
-        return array
-    if info.quantization is not None and array.dtype.kind == "f":
-        return quantize(array, info)
-    if np.can_cast(array.dtype, info.dtype, "same_kind"):
-        return array.astype(info.dtype)
-    raise InputError(f"input {info.name!r} needs {info.dtype}, got {array.dtype}")
-
-
 def _file_target(args: argparse.Namespace, threads: int, spin_wait: bool) -> _Target:
     spec = load_spec(args.spec)
     fmt = spec.format or _FORMATS_BY_SUFFIX.get(args.model.suffix.lower(), "")
@@ -174,10 +161,10 @@ def _file_target(args: argparse.Namespace, threads: int, spin_wait: bool) -> _Ta
 
     def image_tensor(image: np.ndarray) -> np.ndarray:
         assert preprocessor is not None
-        return _fit(preprocessor(image)[0], info)
+        return fit_tensor(preprocessor(image)[0], info)
 
     return _Target(args.model.name, args.model, fmt, backend, backend.infer, info, preprocessor,
-                   lambda a: _fit(a, info), image_tensor if preprocessor else None, backend.close)
+                   lambda a: fit_tensor(a, info), image_tensor if preprocessor else None, backend.close)
 
 
 def _installed_target(ctx: Context, args: argparse.Namespace, threads: int) -> _Target:
