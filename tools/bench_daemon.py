@@ -56,7 +56,7 @@ def _rss_mb(pid: int) -> float:
         return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def _setup(work: Path, threads: int) -> tuple[Path, int, Path]:
+def _setup(work: Path, threads: int, spin_wait: bool) -> tuple[Path, int, Path]:
     generate_keypair(work / "key")
     (work / "trust").mkdir()
     (work / "trust" / "k.pub").write_bytes((work / "key.pub").read_bytes())
@@ -71,7 +71,7 @@ def _setup(work: Path, threads: int) -> tuple[Path, int, Path]:
     port = _free_port()
     config = work / "config.toml"
     config.write_text(f'state_dir = "{state}"\ntrust_dir = "{work / "trust"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
-                      f"[backend]\nthreads = {threads}\n")
+                      f"[backend]\nthreads = {threads}\nspin_wait = {str(spin_wait).lower()}\n")
     return config, port, state
 
 
@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="backend.threads (0 = runtime default)")
+    parser.add_argument("--no-spin-wait", action="store_true", help="backend.spin_wait = false")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        config, port, _ = _setup(work, args.threads)
+        config, port, _ = _setup(work, args.threads, not args.no_spin_wait)
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             rss = _rss_mb(proc.pid)
             bare = int(subprocess.run([sys.executable, "-c", _BARE, str(fetch("ppocr_cls"))], capture_output=True,
                                       text=True, check=True).stdout.strip()) / 1024
-            print(f"idle daemon, ppocr cls loaded, API up, no traffic (backend.threads = {args.threads})")
+            print(f"idle daemon, ppocr cls loaded, API up, no traffic (backend.threads = {args.threads}, "
+                  f"spin_wait = {not args.no_spin_wait})")
             print(f"{'metric':34} {'value':>10}  target")
             print(f"{'CPU over ' + str(args.idle_seconds) + ' s (% of one core)':34} {cpu:10.3f}  < 1 %")
             print(f"{'daemon RSS (MB)':34} {rss:10.1f}")
