@@ -333,25 +333,26 @@ def test_tls_mtls_broker_and_untrusted_cert_refused(tmp_path: Path, keys: dict[s
             serve = Serve(config, state, port).start()
             try:
                 if expect:
-                    wait_for(lambda: '"state": "online"' in _retained(tls_broker, pki, "edge/trusted/status"), 30,
+                    wait_for(lambda: '"state": "online"' in _retained(tls_broker, "edge/trusted/status", pki), 30,
                              "online over mTLS")
                 else:
                     wait_for(lambda s=serve: "certificate verify failed" in s.stderr(), 30, "TLS refusal logged")
-                    assert _retained(tls_broker, pki, "edge/untrusted/status") == ""  # never connected
+                    assert _retained(tls_broker, "edge/untrusted/status", pki) == ""  # never connected
             finally:
                 serve.kill9()
 
 
-def _retained(broker: Broker, pki: Any, topic: str) -> str:
-    """Read one retained message over mTLS (empty string when there is none)."""
+def _retained(broker: Broker, topic: str, pki: Any = None) -> str:
+    """Read one retained message (over mTLS when ``pki`` is given); empty string when there is none."""
     import ssl
 
     got: list[str] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"r-{uuid.uuid4().hex[:6]}",
                          protocol=MQTTProtocolVersion.MQTTv5)
-    ctx = ssl.create_default_context(cafile=str(pki.ca))
-    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
-    client.tls_set_context(ctx)
+    if pki is not None:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        client.tls_set_context(ctx)
     client.on_message = lambda c, u, m: got.append(m.payload.decode())
     client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
     client.connect("127.0.0.1", broker.port)
@@ -377,7 +378,7 @@ def test_mqtt_input_source_results_carry_correlation_id(tmp_path: Path, keys: di
     watcher = Watcher(broker, f"edge/{DEVICE}/results/#")
     try:
         serve.wait_ready()
-        wait_for(lambda: '"state": "online"' in _plain_retained(broker), 20, "device online")
+        wait_for(lambda: '"state": "online"' in _retained(broker, f"edge/{DEVICE}/status"), 20, "device online")
         sender = broker.client("camera-7")
         props = Properties(PacketTypes.PUBLISH)
         props.CorrelationData = b"frame-0042"
@@ -394,15 +395,3 @@ def test_mqtt_input_source_results_carry_correlation_id(tmp_path: Path, keys: di
     finally:
         watcher.close()
         serve.kill9()
-
-
-def _plain_retained(broker: Broker) -> str:
-    got: list[str] = []
-    client = broker.client(f"r-{uuid.uuid4().hex[:6]}", on_message=lambda c, u, m: got.append(m.payload.decode()))
-    client.subscribe(f"edge/{DEVICE}/status", qos=1)
-    deadline = time.monotonic() + 1
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.disconnect()
-    client.loop_stop()
-    return got[0] if got else ""

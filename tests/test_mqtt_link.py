@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from daemon_helpers import wait_for
 from mqtt_broker import Broker, Collector, mosquitto_binary
 from paho.mqtt.packettypes import PacketTypes
 from tls_helpers import make_pki
@@ -46,13 +47,6 @@ class _Broker(Broker):
             text = text.replace("allow_anonymous true", "allow_anonymous false") + f"password_file {self.passwords}\n"
         return text
 
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def make_config(broker: Broker, **overrides: Any) -> MqttConfig:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from cli_helpers import Device, face_tensor, make_device
+from daemon_helpers import wait_for
 from test_cli import pack_face
 
 from edge_runtime.backends.base import Backend
@@ -30,14 +31,6 @@ from edge_runtime.serving import InferenceService
 from edge_runtime.signing import generate_keypair
 from edge_runtime.sources import Item, Source, SourceContext, build_source
 from edge_runtime.sources.folder import state_db_path
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from daemon_helpers import wait_for
 
 from edge_runtime.config import Limits, SourceConfig
 from edge_runtime.errors import ConfigError
@@ -30,13 +31,6 @@ from edge_runtime.sources.folder import FolderSource, state_db_path
 
 POLL = 0.02
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Harness:
