@@ -103,7 +103,7 @@ def compare(bare: Callable[[], object], library: Callable[[], object], runs: int
 
 
 def bare_runner(path: Path, fmt: str, threads: int, feeds: Mapping[str, np.ndarray],
-                providers: Sequence[str] = (CPU,), spin_wait: bool = True) -> Callable[[], object]:
+                providers: Sequence[str] = (CPU,), spin_wait: bool = False) -> Callable[[], object]:
     """The bare runtime on ``path`` as a user would call it without edge-runtime.
 
     ONNX: ``InferenceSession.run`` with default session options except the

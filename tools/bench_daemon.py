@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="backend.threads (0 = runtime default)")
-    parser.add_argument("--no-spin-wait", action="store_true", help="backend.spin_wait = false")
+    parser.add_argument("--spin-wait", action="store_true", help="backend.spin_wait = true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        config, port, _ = _setup(work, args.threads, not args.no_spin_wait)
+        config, port, _ = _setup(work, args.threads, args.spin_wait)
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             bare = int(subprocess.run([sys.executable, "-c", _BARE, str(fetch("ppocr_cls"))], capture_output=True,
                                       text=True, check=True).stdout.strip()) / 1024
             print(f"idle daemon, ppocr cls loaded, API up, no traffic (backend.threads = {args.threads}, "
-                  f"spin_wait = {not args.no_spin_wait})")
+                  f"spin_wait = {args.spin_wait})")
             print(f"{'metric':34} {'value':>10}  target")
             print(f"{'CPU over ' + str(args.idle_seconds) + ' s (% of one core)':34} {cpu:10.3f}  < 1 %")
             print(f"{'daemon RSS (MB)':34} {rss:10.1f}")

@@ -53,7 +53,7 @@ class BackendOptions:
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0
-    spin_wait: bool = True
+    spin_wait: bool = False
     cache_dir: Path | None = None
     model_sha256: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)

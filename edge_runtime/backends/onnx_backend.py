@@ -195,7 +195,7 @@ def _tensor_info(arg: Any, model: str) -> TensorInfo:
     return TensorInfo(name=arg.name, shape=shape, dtype=dtype)
 
 
-def _session_options(threads: int, spin_wait: bool = True) -> Any:
+def _session_options(threads: int, spin_wait: bool = False) -> Any:
     so = ort.SessionOptions()
     if threads > 0:
         so.intra_op_num_threads = threads
