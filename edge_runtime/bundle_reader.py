@@ -44,7 +44,8 @@ from .errors import (
     UnsafeBundleError,
 )
 from .fsutil import CLOEXEC, create_exclusive, fsync_dir, make_private_dir, remove_tree
-from .manifest import Manifest, StagedBundle, parse_manifest, validate_member_path
+from .manifest import Manifest, StagedBundle, validate_member_path
+from .manifest_parse import parse_manifest
 from .onnx_external import check_no_external_data
 from .signing import verify_threshold
 from .tar_stream import MemberKind, TarMember, TarReader

@@ -48,9 +48,9 @@ from .manifest import (
     Preprocess,
     Requires,
     TensorSpec,
-    parse_manifest,
     validate_member_path,
 )
+from .manifest_parse import parse_manifest
 from .onnx_external import check_no_external_data
 from .requirements_check import format_timestamp, parse_runtime_requirement, parse_timestamp
 from .signing import key_id, sign_document

@@ -29,7 +29,8 @@ from .cache_layout import CacheLayout, Fault, cache_errors, check_hashes, check_
 from .cache_recovery import recover_cache
 from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError, RollbackError
 from .fsutil import fsync_dir, fsync_tree, read_capped, remove_tree
-from .manifest import Manifest, StagedBundle, parse_manifest
+from .manifest import Manifest, StagedBundle
+from .manifest_parse import parse_manifest
 from .state_store import StateStore
 
 __all__ = [

@@ -18,7 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_runtime.manifest import StagedBundle, parse_manifest
+from edge_runtime.manifest import StagedBundle
+from edge_runtime.manifest_parse import parse_manifest
 from edge_runtime.model_cache import ModelCache
 
 

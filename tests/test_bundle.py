@@ -56,8 +56,8 @@ from edge_runtime.manifest import (
     Requires,
     StagedBundle,
     TensorSpec,
-    parse_manifest,
 )
+from edge_runtime.manifest_parse import parse_manifest
 from edge_runtime.requirements_check import check_requirements, device_tags
 from edge_runtime.signing import key_id, load_private_key, load_trusted_keys
 from edge_runtime.tar_stream import TarReader

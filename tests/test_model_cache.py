@@ -15,7 +15,8 @@ import pytest
 
 from edge_runtime.errors import CacheError, GateError, IntegrityError, RollbackError
 from edge_runtime.fsutil import sha256_file
-from edge_runtime.manifest import FileEntry, Manifest, StagedBundle, parse_manifest
+from edge_runtime.manifest import FileEntry, Manifest, StagedBundle
+from edge_runtime.manifest_parse import parse_manifest
 from edge_runtime.model_cache import ACTIVATE_STEPS, INSTALL_STEPS, ROLLBACK_STEPS, ModelCache
 
 CHILD = Path(__file__).with_name("cache_crash_child.py")
