@@ -20,7 +20,7 @@ once its handler has run.
     rollback {"model": str, "version"?: int}     serve that cached version (default: previous)
     pin      {"model": str, "version": int}      serve it, keep it from gc, skip it in OTA polling
     unpin    {"model": str}
-    config   {"<setting>": value, ...}           see RuntimeSettings; all or nothing
+    config   {"<setting>": value, ...}           see runtime_settings.RuntimeSettings; all or nothing
     reload   {}                                  serve what the cache marks active (like SIGHUP)
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .command_auth import SIGNED_VERBS, CommandAuth, is_signed_envelope
 from .command_ledger import CommandLedger
 from .command_parse import Command, Reply, best_effort_id, check_verb, command_from_object, load_object
-from .config import Config, MqttConfig, OtaConfig, in_range
+from .config import in_range
 from .errors import CommandError, ConfigError, EdgeRuntimeError
+from .runtime_settings import RuntimeSettings
 from .typed_toml import build
 
 if TYPE_CHECKING:
@@ -53,32 +53,19 @@ if TYPE_CHECKING:
     from .ota import OtaUpdater
 
 __all__ = [
-    "LOG_LEVELS",
     "SIGNED_VERBS",
     "Command",
     "DeviceCommands",
     "Dispatcher",
     "Handler",
     "Reply",
-    "RuntimeSettings",
     "pinned_version",
 ]
 
 Handler = Callable[[Command], Reply]
 """Runs one command; raises EdgeRuntimeError (its one-line message becomes the reply) to fail."""
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-FloatSetting = Literal["mqtt.telemetry_seconds", "mqtt.results_max_per_second", "ota.poll_seconds"]
-# Setting -> the config dataclass and field whose type and range checks it reuses.
-_CONFIG_SETTINGS: dict[str, tuple[type[Any], str]] = {
-    "mqtt.telemetry_seconds": (MqttConfig, "telemetry_seconds"),
-    "mqtt.results": (MqttConfig, "results"),
-    "mqtt.results_max_per_second": (MqttConfig, "results_max_per_second"),
-    "ota.poll_seconds": (OtaConfig, "poll_seconds"),
-}
-
 
 def pinned_version(cache: ModelCache, name: str) -> int | None:
     """The version of ``name`` an operator pinned, or None. The OTA poller skips pinned models.
@@ -86,80 +73,6 @@ def pinned_version(cache: ModelCache, name: str) -> int | None:
     Raises CacheError: the state file is corrupt.
     """
     return cache.state.load().model(name).pinned
-
-
-class RuntimeSettings:
-    """The settings the ``config`` command may change at run time; thread-safe.
-
-    ``mqtt.telemetry_seconds``, ``mqtt.results``, ``mqtt.results_max_per_second``
-    and ``ota.poll_seconds`` are checked exactly like the config file's keys
-    of the same name; ``log_level`` is one of :data:`LOG_LEVELS`. Readers call
-    :meth:`get` each time they need a value, so a change applies from then on.
-    """
-
-    def __init__(self, values: Mapping[str, object] | None = None) -> None:
-        """Start from the config defaults (and INFO), overridden by ``values``.
-
-        Raises CommandError: an unknown setting or a bad value (named).
-        """
-        self._values: dict[str, bool | float | str] = {**_config_values(Config()), "log_level": "INFO"}
-        self._lock = threading.Lock()
-        if values:
-            self.update(values)
-
-    @classmethod
-    def from_config(cls, config: Config) -> RuntimeSettings:
-        """The settings as ``config`` has them; ``log_level`` from the root logger's level."""
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        return cls({**_config_values(config), "log_level": level if level in LOG_LEVELS else "INFO"})
-
-    @overload
-    def get(self, key: FloatSetting) -> float: ...
-    @overload
-    def get(self, key: Literal["mqtt.results"]) -> bool: ...
-    @overload
-    def get(self, key: Literal["log_level"]) -> str: ...
-    def get(self, key: str) -> bool | float | str:
-        """The current value of ``key`` (KeyError for an unknown key: a programming error)."""
-        with self._lock:
-            return self._values[key]
-
-    def snapshot(self) -> dict[str, bool | float | str]:
-        """Every setting and its current value."""
-        with self._lock:
-            return dict(self._values)
-
-    def update(self, changes: Mapping[str, object]) -> dict[str, bool | float | str]:
-        """Check every change, then apply them all together; return the values applied.
-
-        Raises:
-            CommandError: an unknown setting or a bad value (named); nothing is applied.
-        """
-        checked = {key: _check_setting(key, value) for key, value in changes.items()}
-        with self._lock:
-            self._values.update(checked)
-        return checked
-
-
-def _config_values(config: Config) -> dict[str, bool | float | str]:
-    return {key: getattr(getattr(config, key.split(".")[0]), attr) for key, (_, attr) in _CONFIG_SETTINGS.items()}
-
-
-def _check_setting(key: str, value: object) -> bool | float | str:
-    if key == "log_level":
-        if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
-            raise CommandError(f"setting 'log_level' must be one of {', '.join(LOG_LEVELS)}")
-        return value.upper()
-    if key not in _CONFIG_SETTINGS:
-        known = ", ".join(sorted([*_CONFIG_SETTINGS, "log_level"]))
-        raise CommandError(f"unknown setting {key[:64]!r} (settable: {known})")
-    cls, attr = _CONFIG_SETTINGS[key]
-    try:
-        checked: bool | float | str = getattr(build(cls, {attr: value}, where=key.split(".")[0]), attr)
-    except ConfigError as e:
-        # typed_toml words its errors for the config file; the checks are the same here.
-        raise CommandError(e.one_line().replace("config key", "setting")) from e
-    return checked
 
 
 # ---------------------------------------------------------------------- handler arguments

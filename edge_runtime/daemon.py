@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .activation import Activator
 from .api_server import ApiServer
-from .commands import RuntimeSettings
 from .config import Config, PipelineConfig
 from .events import EventBus
 from .fsutil import make_private_dir
@@ -29,6 +28,7 @@ from .metrics import Metrics
 from .model_store import ModelStore
 from .ota import OtaUpdater
 from .pipeline import Pipeline
+from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .serving import InferenceService
 from .sources import MqttInputs, build_source

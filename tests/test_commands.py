@@ -22,11 +22,12 @@ from test_activation import Rig
 
 from edge_runtime.command_ledger import CommandLedger
 from edge_runtime.command_parse import Command, Reply, best_effort_id, load_object, parse_command
-from edge_runtime.commands import DeviceCommands, Dispatcher, RuntimeSettings, pinned_version
+from edge_runtime.commands import DeviceCommands, Dispatcher, pinned_version
 from edge_runtime.config import Config, MqttConfig, OtaConfig
 from edge_runtime.errors import CommandError
 from edge_runtime.manifest import Gates
 from edge_runtime.ota import OtaUpdater
+from edge_runtime.runtime_settings import RuntimeSettings
 from edge_runtime.signing import generate_keypair
 
 Zoo = Callable[[str], Path]
@@ -420,8 +421,8 @@ SURFACE = {
     "command_auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
     "command_ledger": {"Claim", "CommandLedger"},
-    "commands": {"LOG_LEVELS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply",
-                 "RuntimeSettings", "pinned_version"},
+    "commands": {"SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply", "pinned_version"},
+    "runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
 
 
