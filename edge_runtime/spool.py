@@ -36,37 +36,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import EdgeRuntimeError, InputError
-from .fsutil import CLOEXEC, NOFOLLOW, atomic_write, make_private_dir
+from .fsutil import atomic_write, make_private_dir
+from .spool_file import connect, is_corrupt, move_aside, prepare, salvage, set_last_seq, transaction
 
 __all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
 
 MAX_DROPPED_RANGES = 32
 SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 4096 appends
-_SCHEMA = 1
-_KEEP_CORRUPT = 2
 _VACUUM_PAGES = 256
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _log = logging.getLogger(__name__)
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS messages(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, qos INTEGER NOT NULL,
-    payload BLOB NOT NULL, size INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS dropped_ranges(first INTEGER PRIMARY KEY, last INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta(key, value) VALUES ('dropped', 0);
-"""
-
 
 @dataclass(frozen=True)
 class Spooled:
@@ -80,26 +66,6 @@ class Spooled:
 
 class _Corrupt(Exception):
     """Internal: the database must be moved aside."""
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlock
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _is_corrupt(error: sqlite3.DatabaseError) -> bool:
-    code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
-    if code is not None:
-        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(error).lower()
-    return "malformed" in text or "not a database" in text
 
 
 class Spool:
@@ -232,10 +198,10 @@ class Spool:
         try:
             if seq >= self._floor:
                 self._raise_floor(seq + SEQ_RESERVE)
-            with _transaction(conn):
+            with transaction(conn):
                 if size > self.max_bytes:
                     # Consume the seq and explain it: subscribers find it in dropped_ranges.
-                    self._set_last_seq(conn, seq)
+                    set_last_seq(conn, seq)
                     self._record_drop(conn, seq, seq, 1)
                 else:
                     self._make_room(conn, size)
@@ -289,7 +255,7 @@ class Spool:
             self._last_range = (first, last)
 
     def _delete(self, conn: sqlite3.Connection, where: str, params: list[int]) -> int:
-        with _transaction(conn):
+        with transaction(conn):
             n, freed = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE {where}",  # noqa: S608
                                     params).fetchone()
             if n:
@@ -319,7 +285,7 @@ class Spool:
         return self._conn
 
     def _handle(self, error: sqlite3.DatabaseError) -> None:
-        if not _is_corrupt(error):
+        if not is_corrupt(error):
             raise EdgeRuntimeError(f"spool {self.path}: {error}") from error
         count, span = self._salvage()
         self._recover(str(error), max(count, self._count), span, self._next_seq)
@@ -335,10 +301,10 @@ class Spool:
     def _open(self) -> None:
         self._floor = self._read_floor()
         try:
-            self._conn = self._connect()
+            self._conn = connect(self.path)
             problem = self._check(self._conn)
         except sqlite3.DatabaseError as e:
-            if not _is_corrupt(e):
+            if not is_corrupt(e):
                 self._close_quietly()
                 raise EdgeRuntimeError(f"spool {self.path}: {e}") from e
             problem = str(e)
@@ -347,35 +313,12 @@ class Spool:
         # The floor, not the damaged file, says where numbering may safely go on.
         self._recover(problem, *self._salvage(), None)
 
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            # Create it ourselves: 0600 and never through a symlink (sqlite gives -wal/-shm the same mode).
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW | CLOEXEC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise EdgeRuntimeError(f"spool {self.path}: {e.strerror or e}") from e
-        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-
     def _check(self, conn: sqlite3.Connection) -> str | None:
         """Set up the schema and load the counters; return why the file is unusable, or None."""
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version not in (0, _SCHEMA):
-            return f"unknown spool schema {version}"
-        if version == 0:
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on an empty file
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-            raise EdgeRuntimeError(f"spool {self.path}: cannot enable WAL mode")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA journal_size_limit = 4194304")
-        result = [r[0] for r in conn.execute("PRAGMA quick_check(1)").fetchall()]
-        if result != ["ok"]:
-            return "quick_check: " + "; ".join(map(str, result))
-        conn.executescript(f"BEGIN; {_DDL} PRAGMA user_version = {_SCHEMA}; COMMIT;")
-        self._load(conn)
-        return None
+        problem = prepare(conn, self.path, self._synchronous)
+        if problem is None:
+            self._load(conn)
+        return problem
 
     def _load(self, conn: sqlite3.Connection) -> None:
         count, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
@@ -389,62 +332,31 @@ class Spool:
         self._next_seq = int(row[0]) + 1 if row else max(1, self._floor)
 
     def _salvage(self) -> tuple[int, tuple[int, int] | None]:
-        """Best effort on a corrupt file: its dropped counter, how many messages it held, their seq range."""
-        span, count = None, 0
-        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
-            row = self._connection().execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-            self._dropped = max(self._dropped, int(row[0]))
-        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
-            # MIN/MAX walk only the b-tree's edges, so they often work where COUNT(*) fails.
-            conn = self._connection()
-            lo = conn.execute("SELECT MIN(seq) FROM messages").fetchone()[0]
-            hi = conn.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
-            span = None if lo is None else (int(lo), int(hi))
-        with contextlib.suppress(sqlite3.Error, EdgeRuntimeError, TypeError):
-            count = int(self._connection().execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-            return count, span
-        return (0 if span is None else span[1] - span[0] + 1), span  # at most that many
+        """Best effort on a corrupt file: how many messages it held and their seq range."""
+        dropped, count, span = salvage(self._conn)
+        self._dropped = max(self._dropped, dropped)
+        return count, span
 
     def _recover(self, reason: str, lost: int, span: tuple[int, int] | None, next_seq: int | None) -> None:
         """Move the unusable database aside, start a fresh one, carry the counters over."""
         self._close_quietly()
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        aside = move_aside(self.path)
         _log.warning("spool %s is unusable (%s): moved aside to %s and recreated; %d messages lost",
                      self.path, " ".join(reason.split()), aside.name, lost)
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-        except OSError as e:
-            raise EdgeRuntimeError(f"spool {self.path}: cannot move a corrupt database aside: {e}") from e
-        self._prune_corrupt()
         dropped = self._dropped + lost
         self._floor = max(self._floor, self._read_floor())
-        conn = self._conn = self._connect()
+        conn = self._conn = connect(self.path)
         problem = self._check(conn)
         if problem is not None:
             raise EdgeRuntimeError(f"spool {self.path}: a fresh database is unusable: {problem}")
         start = next_seq if next_seq is not None else max(self._floor, 1)
-        with _transaction(conn):
+        with transaction(conn):
             conn.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (dropped,))
             if span is not None:
                 conn.execute("INSERT INTO dropped_ranges(first, last) VALUES (?, ?)", span)
             if start > 1:
-                self._set_last_seq(conn, start - 1)
+                set_last_seq(conn, start - 1)
         self._load(conn)
-
-    @staticmethod
-    def _set_last_seq(conn: sqlite3.Connection, seq: int) -> None:
-        # AUTOINCREMENT remembers the largest seq ever inserted, even once its row is gone.
-        conn.execute("INSERT INTO messages(seq, topic, qos, payload, size) VALUES (?, '', 0, x'', 0)", (seq,))
-        conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-
-    def _prune_corrupt(self) -> None:
-        old = sorted(self.path.parent.glob(f"{self.path.name}.corrupt-*[0-9]"))
-        for path in old[:-_KEEP_CORRUPT]:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(f"{path}{suffix}").unlink()
 
     def _close_quietly(self) -> None:
         if self._conn is not None:
