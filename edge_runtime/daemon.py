@@ -130,6 +130,8 @@ class Daemon:
         self._started = False
         self.notifier.stopping()
         self.stop_event.set()
+        # Emitted before the MQTT bridge stops, so the fleet gets it too (now, or from the spool at next start).
+        self.events.emit("stopped", reason="clean shutdown")
         deadline = time.monotonic() + timeout
         if self._supervisor is not None:
             self._supervisor.join(timeout=2.0)
@@ -141,7 +143,6 @@ class Daemon:
             _guarded("stopping the API", self.api.stop)
         for slot in self.service.slots.values():
             slot.close()
-        self.events.emit("stopped", reason="clean shutdown")
 
     def _sink(self, pipe_cfg: PipelineConfig) -> ResultSink | None:
         """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic."""

@@ -38,6 +38,12 @@ class EventBus:
         with self._lock:
             self._subscribers.append(fn)
 
+    def unsubscribe(self, fn: Subscriber) -> None:
+        """Stop calling ``fn``; events emitted from now on no longer reach it (no-op if it never subscribed)."""
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
     def emit(self, kind: str, *, model: str = "", version: int | None = None, reason: str = "",
              **data: Any) -> dict[str, Any]:
         """Publish one event and return it."""

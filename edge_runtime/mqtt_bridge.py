@@ -99,6 +99,7 @@ class MqttBridge:
 
     def stop(self) -> None:
         """Publish ``offline`` ourselves (no Last Will), stop the threads, close the spool."""
+        self.daemon.events.unsubscribe(self._on_event)  # events after this stay in events.jsonl only
         self._stop.set()
         self._commands.put(None)
         for thread in self._threads:

@@ -141,7 +141,7 @@ class Operator:
 
 
 def test_status_online_will_on_kill9_and_clean_offline(device: Serve, broker: Broker) -> None:
-    watcher = Watcher(broker, f"edge/{DEVICE}/status")
+    watcher = Watcher(broker, f"edge/{DEVICE}/status", f"edge/{DEVICE}/events")
     try:
         online = wait_for(lambda: [json.loads(m.payload) for m in watcher.on("/status")
                                    if json.loads(m.payload)["state"] == "online"], 20, "online status")[-1]
@@ -163,6 +163,17 @@ def test_status_online_will_on_kill9_and_clean_offline(device: Serve, broker: Br
         after = [json.loads(m.payload) for m in watcher.on("/status")[count + 1:]]
         assert [d["reason"] for d in after if d["state"] == "offline"] == ["clean shutdown"], after
         assert offline[0]["reason"] == "clean shutdown"
+        assert "Traceback" not in device.stderr()
+        # The clean stop is an event too: published then, or from the spool after the next start.
+        device.start()
+
+        def stop_then_start() -> bool:
+            kinds = [json.loads(m.payload)["kind"] for m in watcher.on("/events")]
+            return "stopped" in kinds and "started" in kinds[kinds.index("stopped"):]
+
+        wait_for(stop_then_start, 30, "a stopped event, then a started event")
+        stopped = [json.loads(m.payload) for m in watcher.on("/events") if json.loads(m.payload)["kind"] == "stopped"]
+        assert stopped[-1]["reason"] == "clean shutdown"
     finally:
         watcher.close()
 
