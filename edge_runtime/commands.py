@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .ota import OtaUpdater
 
 __all__ = [
+    "MODEL_VERBS",
     "SIGNED_VERBS",
     "Command",
     "DeviceCommands",
@@ -62,6 +63,8 @@ __all__ = [
     "pinned_version",
 ]
 
+MODEL_VERBS = frozenset({"update", "rollback", "pin", "unpin", "reload"})
+"""Verbs that change what serves; they may take long (a download), so the bridge runs them apart."""
 Handler = Callable[[Command], Reply]
 """Runs one command; raises EdgeRuntimeError (its one-line message becomes the reply) to fail."""
 _log = logging.getLogger(__name__)

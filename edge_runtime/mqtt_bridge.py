@@ -9,7 +9,9 @@
 
 Telemetry and events are appended to the on-disk spool first and forwarded in
 order, paced, once the link is up; nothing is lost within the spool's bound.
-Commands run on a worker thread, never on the MQTT network thread.
+Commands run on two worker threads, never on the MQTT network thread: one for the
+verbs that change models (``MODEL_VERBS``: an update may download for minutes),
+one for the rest, so ``ping``/``status``/``config`` are answered meanwhile.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .command_auth import CommandAuth
 from .command_ledger import CommandLedger
-from .commands import SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
+from .commands import MODEL_VERBS, SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
 from .config import Config
 from .errors import LinkError
 from .forwarder import Forwarder
@@ -77,7 +81,10 @@ class MqttBridge:
                                    max_inflight=self.mqtt.max_inflight, connected=lambda: self.link.connected)
         self.stats = SystemStats(config.state_dir)
         self.dispatcher = self._build_dispatcher(config)
-        self._commands: queue.Queue[tuple[str, Message] | None] = queue.Queue(maxsize=64)
+        # Two workers, each in arrival order: model operations (an update can take minutes) never
+        # hold up ping/status/config.
+        self._lanes: dict[str, queue.Queue[tuple[str, Message] | None]] = {
+            "commands": queue.Queue(maxsize=64), "model-commands": queue.Queue(maxsize=64)}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._result_times: dict[str, float] = {}
@@ -92,7 +99,9 @@ class MqttBridge:
         self.link.on_connect(self._on_connect)
         self.link.start()
         self.forwarder.start()
-        for target, name in ((self._telemetry_loop, "telemetry"), (self._command_loop, "commands")):
+        workers: list[tuple[Callable[[], None], str]] = [(self._telemetry_loop, "telemetry")]
+        workers += [(partial(self._command_loop, lane), name) for name, lane in self._lanes.items()]
+        for target, name in workers:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -101,7 +110,8 @@ class MqttBridge:
         """Publish ``offline`` ourselves (no Last Will), stop the threads, close the spool."""
         self.daemon.events.unsubscribe(self._on_event)  # events after this stay in events.jsonl only
         self._stop.set()
-        self._commands.put(None)
+        for lane in self._lanes.values():
+            lane.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
         self.forwarder.stop()
@@ -189,14 +199,15 @@ class MqttBridge:
 
     def _on_command_message(self, message: Message) -> None:
         verb = message.topic.rsplit("/", 1)[-1]
+        lane = self._lanes["model-commands" if verb in MODEL_VERBS else "commands"]
         try:
-            self._commands.put_nowait((verb, message))
+            lane.put_nowait((verb, message))
         except queue.Full:
             self._reply(message, Reply(ok=False, message="device busy: too many commands queued", id=None))
 
-    def _command_loop(self) -> None:
+    def _command_loop(self, lane: queue.Queue[tuple[str, Message] | None]) -> None:
         while True:
-            item = self._commands.get()
+            item = lane.get()
             if item is None:
                 return
             verb, message = item

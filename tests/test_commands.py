@@ -421,7 +421,8 @@ SURFACE = {
     "command_auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
     "command_ledger": {"Claim", "CommandLedger"},
-    "commands": {"SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply", "pinned_version"},
+    "commands": {"MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply",
+                 "pinned_version"},
     "runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
 

@@ -285,6 +285,35 @@ def test_command_verbs_dedupe_and_hostile_payloads(device: Serve, broker: Broker
         op.close()
 
 
+def test_ping_and_status_are_answered_while_an_update_downloads(tmp_path: Path, keys: dict[str, Path], zoo: Zoo,
+                                                                 broker: Broker) -> None:
+    from http_fault_server import FaultServer, Route
+
+    extra = mqtt_config(broker) + "[ota]\nallow_http = true\nretries = 0\n"
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"], extra=extra, top=TOP)
+    cli("models", "install", pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path),
+        "--config", config)
+    serve = Serve(config, state, port).start()
+    # A bundle server that sends one byte every 0.1 s: the update is busy for about 6 s.
+    with FaultServer({"/slow.bundle": Route(body=b"x" * 60, fault="drip", drip_seconds=0.1)}) as server:
+        op = Operator(broker)
+        try:
+            serve.wait_ready()
+            assert op.command("ping")["ok"]
+            payload = json.dumps({"id": "slow-update", "ts": time.time(),
+                                  "args": {"url": server.url("/slow.bundle")}}).encode()
+            op.send("update", payload, reply_id=None)
+            wait_for(lambda: server.seen("/slow.bundle"), 15, "the update to start downloading")
+            assert op.command("ping", timeout=3.0)["ok"]
+            assert op.command("status", timeout=3.0)["data"]["versions"] == {"ppocr-cls": 1}
+            assert "slow-update" not in op.replies, "the update finished before the quick commands were tested"
+            update = wait_for(lambda: op.replies.get("slow-update"), 30, "the update's reply")
+            assert update["ok"] is False and serve.served_version() == 1
+        finally:
+            op.close()
+            serve.kill9()
+
+
 def test_signed_commands_refuse_unsigned_wrong_key_expired_and_replayed(tmp_path: Path, keys: dict[str, Path],
                                                                         zoo: Zoo, broker: Broker) -> None:
     ops = tmp_path / "operators"
