@@ -64,7 +64,7 @@ def resolve_device_id(config: Config, machine_id: Path = _MACHINE_ID) -> str:
 
 
 class MqttBridge:
-    """Owns the link, spool, forwarder, telemetry timer and command worker of a daemon."""
+    """Owns the link, spool, forwarder, telemetry timer and command workers of a daemon."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
