@@ -75,6 +75,7 @@ Example (all sections shown with their defaults)::
     max_command_bytes = 65536
     max_json_depth = 32
     command_id_window_seconds = 86400.0
+    session_expiry_seconds = 3600.0  # broker keeps commands sent while offline this long (0 = not at all)
     signed_commands = false     # when true: update/rollback/pin/unpin/config need an operator signature
     # operator_keys_dir = "/etc/edge-runtime/operator-keys"
     command_max_age_seconds = 300.0
@@ -305,6 +306,7 @@ class MqttConfig:
     max_command_bytes: int = field(default=64 << 10, metadata={"check": in_range(256, 16 << 20)})
     max_json_depth: int = field(default=32, metadata={"check": in_range(2, 1000)})
     command_id_window_seconds: float = field(default=86400.0, metadata={"check": in_range(1, 86400 * 365)})
+    session_expiry_seconds: float = field(default=3600.0, metadata={"check": in_range(0, 86400 * 365)})
     signed_commands: bool = False
     operator_keys_dir: Path | None = None
     command_max_age_seconds: float = field(default=300.0, metadata={"check": in_range(1, 86400)})
@@ -363,6 +365,10 @@ class Config:
         if not self.mqtt.tls and any(f is not None for f in (self.mqtt.ca_file, self.mqtt.cert_file,
                                                                self.mqtt.key_file)):
             raise ConfigError("config keys 'mqtt.ca_file'/'cert_file'/'key_file' need mqtt.tls = true")
+        if self.mqtt.session_expiry_seconds > self.mqtt.command_id_window_seconds:
+            # A command the broker redelivers after a reconnect must still be known to have run.
+            raise ConfigError("config key 'mqtt.session_expiry_seconds' must not exceed "
+                              "mqtt.command_id_window_seconds")
         if (self.mqtt.cert_file is None) != (self.mqtt.key_file is None):
             raise ConfigError("config keys 'mqtt.cert_file' and 'mqtt.key_file' must be set together (mTLS)")
 

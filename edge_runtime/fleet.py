@@ -150,7 +150,8 @@ class FleetClient:
         self.client_id = client_id or f"fleet-{secrets.token_hex(6)}"
         self.v5 = config.protocol == "5"
         self.reply_topic = f"{self.prefix}/fleet/{self.client_id}/reply" if self.v5 else None
-        self._link = link_factory(config, self.client_id)
+        # A one-off random client id: a session kept at the broker after we leave would only be litter.
+        self._link = link_factory(dataclasses.replace(config, session_expiry_seconds=0.0), self.client_id)
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._opened = False
 

@@ -24,10 +24,14 @@ Threads:
   is logged and skipped; when handlers fall far behind, messages are dropped and
   counted instead of stalling the network thread.
 
-Each connection uses a fresh paho client and a clean session
-(:mod:`edge_runtime.mqtt_session`): nothing from a lost connection is re-sent
-behind the caller's back; its pending deliveries fail (``Delivery.failed``) and
-the caller (spool, forwarder) decides. A connection torn down by the link
+Each connection uses a fresh paho client (:mod:`edge_runtime.mqtt_session`):
+nothing from a lost connection is re-sent behind the caller's back; its pending
+deliveries fail (``Delivery.failed``) and the caller (spool, forwarder) decides.
+The broker-side session is kept for ``session_expiry_seconds`` (MQTT 5 Session
+Expiry; with 3.1.1 a non-clean session, which the broker keeps until its own
+expiry), so QoS 1 messages to our subscriptions that arrive while the device is
+away (fleet commands) are delivered when it is back; 0 asks for a clean session
+on every connect. Subscriptions are sent again on every connect either way. A connection torn down by the link
 itself is closed without DISCONNECT so the broker publishes the Last Will:
 while the link is away the device *is* offline. Only :meth:`MqttLink.stop`
 says goodbye with a clean DISCONNECT, after publishing the final status itself.
@@ -301,7 +305,9 @@ class MqttLink:
         if self._v5:
             properties = new_properties(PacketTypes.CONNECT)
             properties.MaximumPacketSize = self._max_packet  # the broker drops bigger packets instead of sending
-            kwargs = {"clean_start": True, "properties": properties}
+            if config.session_expiry_seconds > 0:
+                properties.SessionExpiryInterval = int(config.session_expiry_seconds)
+            kwargs = {"clean_start": config.session_expiry_seconds == 0, "properties": properties}
         try:
             client.connect(config.host, config.port, keepalive=config.keepalive_seconds, **kwargs)
         except (OSError, ValueError) as e:  # ssl.SSLError and socket errors are OSErrors
@@ -321,7 +327,8 @@ class MqttLink:
             client = self._client_class(CallbackAPIVersion.VERSION2, client_id=self._client_id,
                                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
         else:
-            client = self._client_class(CallbackAPIVersion.VERSION2, client_id=self._client_id, clean_session=True,
+            client = self._client_class(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                                        clean_session=config.session_expiry_seconds == 0,
                                         protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
         client.connect_timeout = float(min(config.keepalive_seconds, 30))
         client.max_inflight_messages_set(config.max_inflight)

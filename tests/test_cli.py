@@ -290,7 +290,9 @@ def test_config_check(tmp_path: Path) -> None:
     good.write_text('state_dir = "/tmp/x"\n[trust]\nthreshold = 2\n')
     assert cli("config", "check", good).stdout.strip().endswith("OK")
     for text, needle in [("stat_dir = '/x'\n", "stat_dir"), ("[trust]\nthreshold = 0\n", "trust.threshold"),
-                         ("[backend]\nthreads = 'two'\n", "backend.threads"), ("x = [", "invalid TOML")]:
+                         ("[backend]\nthreads = 'two'\n", "backend.threads"), ("x = [", "invalid TOML"),
+                         ("[mqtt]\nsession_expiry_seconds = 7200\ncommand_id_window_seconds = 3600\n",
+                          "mqtt.session_expiry_seconds")]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         out = cli("config", "check", bad, check=False)

@@ -237,6 +237,21 @@ def test_broker_restart_without_persistence_commands_still_answered(device: Serv
         op.close()
 
 
+def test_command_sent_while_the_daemon_is_down_runs_when_it_is_back(device: Serve, broker: Broker) -> None:
+    op = Operator(broker)
+    try:
+        assert op.command("ping")["ok"] is True
+        assert device.terminate() == 0
+        cid = "while-down"
+        payload = json.dumps({"id": cid, "ts": time.time(), "args": {"model": "ppocr-cls"}}).encode()
+        op.send("rollback", payload, reply_id=None)
+        device.start()
+        reply = wait_for(lambda: op.replies.get(cid), 30, "the queued command's reply")
+        assert reply["ok"] is True and device.served_version() == 1
+    finally:
+        op.close()
+
+
 def _try(fn: Callable[[], Any]) -> Any:
     try:
         return fn()

@@ -131,6 +131,33 @@ def test_request_reply_round_trip(broker: _Broker, links: list[MqttLink], protoc
     close(replies)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_commands_published_while_away_are_delivered_when_back(broker: _Broker, links: list[MqttLink],
+                                                               protocol: str) -> None:
+    config = make_config(broker, protocol=protocol)
+    first = started(links, config, subscribe={"edge/dev1/cmd/+": lambda m: None})
+    first.stop(timeout=5)
+    sender = broker.client("sender")
+    sender.publish("edge/dev1/cmd/ping", b"sent-while-away", qos=1).wait_for_publish(5)
+    got: list[bytes] = []
+    started(links, config, subscribe={"edge/dev1/cmd/+": lambda m: got.append(m.payload)})
+    wait_for(lambda: got == [b"sent-while-away"], what="the queued command after the reconnect")
+    sender.disconnect()
+
+
+def test_session_expiry_zero_means_a_clean_session(broker: _Broker, links: list[MqttLink]) -> None:
+    config = make_config(broker, session_expiry_seconds=0)
+    started(links, config, subscribe={"edge/dev1/cmd/+": lambda m: None}).stop(timeout=5)
+    sender = broker.client("sender")
+    sender.publish("edge/dev1/cmd/ping", b"sent-while-away", qos=1).wait_for_publish(5)
+    got: list[bytes] = []
+    started(links, config, subscribe={"edge/dev1/cmd/+": lambda m: got.append(m.payload)})
+    sender.publish("edge/dev1/cmd/ping", b"sent-after", qos=1).wait_for_publish(5)
+    wait_for(lambda: got, what="the command sent after the reconnect")
+    assert got == [b"sent-after"]
+    sender.disconnect()
+
+
 def test_publish_while_down_raises_and_lifecycle_is_checked(tmp_path: Path) -> None:
     link = MqttLink(make_config(Broker(tmp_path)), "dev1")  # never started: nothing listens
     with pytest.raises(LinkError, match="not connected"):
