@@ -70,6 +70,7 @@ Handler = Callable[[Command], Reply]
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 def pinned_version(cache: ModelCache, name: str) -> int | None:
     """The version of ``name`` an operator pinned, or None. The OTA poller skips pinned models.
 

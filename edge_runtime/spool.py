@@ -54,6 +54,7 @@ SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 40
 _VACUUM_PAGES = 256
 _log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Spooled:
     """One stored message, as returned by :meth:`Spool.peek`."""
