@@ -31,10 +31,12 @@ The broker-side session is kept for ``session_expiry_seconds`` (MQTT 5 Session
 Expiry; with 3.1.1 a non-clean session, which the broker keeps until its own
 expiry), so QoS 1 messages to our subscriptions that arrive while the device is
 away (fleet commands) are delivered when it is back; 0 asks for a clean session
-on every connect. Subscriptions are sent again on every connect either way. A connection torn down by the link
-itself is closed without DISCONNECT so the broker publishes the Last Will:
-while the link is away the device *is* offline. Only :meth:`MqttLink.stop`
-says goodbye with a clean DISCONNECT, after publishing the final status itself.
+on every connect. Subscriptions are sent again on every connect either way.
+
+A connection torn down by the link itself is closed without DISCONNECT so the
+broker publishes the Last Will: while the link is away the device *is* offline.
+Only :meth:`MqttLink.stop` says goodbye with a clean DISCONNECT, after
+publishing the final status itself.
 
 TLS (:mod:`edge_runtime.mqtt_tls`) is all or nothing: with ``tls = true`` every
 attempt is TLS >= 1.2 with the broker's certificate and host name verified;
