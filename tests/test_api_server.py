@@ -341,6 +341,8 @@ HOSTILE: list[tuple[str, bytes, int, str, bool]] = [
     ("unknown-datatype", _infer_json({"datatype": "FP8", "data": _FLOATS}), 400, "not one of", True),
     ("shape-vs-data", _infer_json({"data": [0.0] * 10}), 400, "needs 27648 values", True),
     ("shape-vs-model", _infer_json({"shape": [1, 2, 48, 288], "data": _FLOATS}), 400, "shape", True),
+    # One dim short and no batch dim would make it fit: the error names the shape as sent.
+    ("rank-vs-model", _infer_json({"shape": [1, 3, 9216], "data": _FLOATS}), 400, "shape (1, 3, 9216), expected", True),
     ("strings-as-data", _infer_json({"data": ["1.0"] * len(_FLOATS)}), 400, "only numbers", True),
     ("ragged-data", _infer_json({"data": [[0.0], [0.0, 1.0]]}), 400, "rectangular", True),
     ("unknown-input", _infer_json({"name": "y", "data": _FLOATS}), 400, "unknown input 'y'", True),

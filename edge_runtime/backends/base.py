@@ -195,7 +195,9 @@ def fit_tensor(array: np.ndarray, info: TensorInfo) -> np.ndarray:
     Raises:
         InputError: an unsafe dtype conversion (e.g. float to int without quantisation).
     """
-    if array.ndim == len(info.shape) - 1:
+    unbatched = info.shape[1:]
+    if array.ndim == len(unbatched) and all(d is None or d == n for d, n in zip(unbatched, array.shape, strict=True)):
+        # Only where it then fits: otherwise the shape error names the shape the caller sent.
         array = array[None]
     if array.dtype == np.dtype(info.dtype):
         return array
