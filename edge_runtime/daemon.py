@@ -96,10 +96,17 @@ class Daemon:
         for note in self.store.cache.recover():
             self.events.emit("recovered", reason=note)
         names = set(self.store.cache.names()) | {p.model for p in self.config.pipelines}
+        serving, waiting = [], []
         for name in sorted(names):
             self.service.add_slot(name)
             version = self.activator.boot(name)
             self.notifier.status(f"{name}: {'v' + str(version) if version else 'no version loaded'}")
+            if version:
+                serving.append(f"{name} v{version}")
+            else:
+                waiting.append(name)
+                _log.warning("model %r has no usable installed version: its requests and pipeline wait "
+                             "until one is installed (models install, OTA or a fleet update)", name)
         if self.config.api.enabled:
             self.api = ApiServer(self.config.api, self.service, self.metrics)
             self.api.start()
@@ -121,7 +128,8 @@ class Daemon:
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
         self._started = True
-        self.events.emit("started", reason=f"serving {', '.join(sorted(names)) or 'no models'}")
+        reason = f"serving {', '.join(serving) or 'no models'}"
+        self.events.emit("started", reason=reason + (f"; waiting for {', '.join(waiting)}" if waiting else ""))
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop in reverse order within about ``timeout`` seconds; safe to call twice."""
