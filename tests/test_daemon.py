@@ -254,6 +254,28 @@ def test_kill9_during_ota_install_always_leaves_one_complete_version(
             serve.kill9()
 
 
+def test_a_configured_model_with_no_version_is_named_and_the_rest_serves(tmp_path: Path, keys: dict[str, Path],
+                                                                          zoo: Zoo) -> None:
+    from cli_helpers import cli
+
+    pipeline = f'[[pipelines]]\nmodel = "face"\n[pipelines.source]\ntype = "folder"\npath = "{tmp_path / "inbox"}"\n'
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"], extra=pipeline)
+    cli("models", "install", pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path),
+        "--config", config)
+    serve = Serve(config, state, port).start()
+    try:
+        started = wait_for(lambda: serve.events("started"), 30, "the started event")[-1]
+        assert started["reason"] == "serving ppocr-cls v1; waiting for face"
+        assert "model 'face' has no usable installed version" in serve.stderr()
+        assert serve.served_version() == 1
+        status, body = serve.get("/v2/models/face/ready")
+        assert status != 200, body
+        assert serve.terminate() == 0
+    finally:
+        if serve.proc and serve.proc.poll() is None:
+            serve.kill9()
+
+
 def test_systemd_unit_security_rating() -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
