@@ -314,16 +314,22 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
                 if not binary and (content_type in _IMAGE_TYPES or (content_type in _NPY_TYPES and is_npy(body))):
                     served, prediction = self.context.service.predict_bytes(name, body)
                     _check_version(name, version, served)
-                    return self._send(200, encode_prediction(name, served, prediction))
-                if content_type in _NPY_TYPES and not binary:
-                    raise InputError(f"a {content_type} body must be a .npy tensor, or carry {_HEADER_LENGTH}")
-                self._tensors(name, version, model, body)
+                    response: tuple[bytes, str, dict[str, str]] = (encode_prediction(name, served, prediction),
+                                                                   _JSON, {})
+                else:
+                    if content_type in _NPY_TYPES and not binary:
+                        raise InputError(f"a {content_type} body must be a .npy tensor, or carry {_HEADER_LENGTH}")
+                    response = self._tensors(name, version, model, body)
             except CacheError as e:  # the slot was emptied (daemon stopping) after _serving looked
                 raise _Reply(503, e.one_line(), headers=_RETRY) from None
         finally:
             self.context.inference_slots.release()
+        # Written once the slot is free: a client that sends its next request the moment this
+        # reply arrives must not be told the server is busy with this one.
+        self._send(200, *response)
 
-    def _tensors(self, name: str, version: str | None, model: LoadedModel, body: bytes) -> None:
+    def _tensors(self, name: str, version: str | None, model: LoadedModel, body: bytes,
+                 ) -> tuple[bytes, str, dict[str, str]]:
         raw = self.headers.get(_HEADER_LENGTH)
         if raw is not None and not (raw.isascii() and raw.strip().isdigit()):
             raise InputError(f"{_HEADER_LENGTH} must be a byte count")
@@ -334,8 +340,8 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         _check_version(name, version, served)
         reply, json_length = encode_infer_response(name, served, request, outputs)
         if json_length is None:
-            return self._send(200, reply)
-        self._send(200, reply, _BINARY, {_HEADER_LENGTH: str(json_length)})
+            return reply, _JSON, {}
+        return reply, _BINARY, {_HEADER_LENGTH: str(json_length)}
 
     def _content_length(self) -> int:
         """The body's length, checked before any of it is read (411/413/400)."""

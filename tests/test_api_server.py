@@ -475,6 +475,30 @@ def test_over_max_concurrency_gets_503_and_health_still_answers(service: Inferen
         assert call(connect(srv), "POST", INFER, json_infer_body(ppocr_tensor())).status == 200
 
 
+class _SlowRelease:
+    """A BoundedSemaphore whose release lags: the window in which a finished request still holds its slot."""
+
+    def __init__(self, inner: threading.BoundedSemaphore) -> None:
+        self.inner = inner
+
+    def acquire(self, blocking: bool = True) -> bool:
+        return self.inner.acquire(blocking)
+
+    def release(self) -> None:
+        time.sleep(0.2)
+        self.inner.release()
+
+
+def test_back_to_back_requests_at_max_concurrency_one_are_never_busy(service: InferenceService) -> None:
+    with start(service, max_concurrency=1) as srv:
+        context = srv._context  # the fault goes into the server's own slot semaphore
+        context.inference_slots = _SlowRelease(context.inference_slots)  # type: ignore[assignment]
+        body = json_infer_body(ppocr_tensor())
+        # A new connection each time (a new handler thread), as independent clients would send them.
+        statuses = [call(connect(srv), "POST", INFER, body).status for _ in range(3)]
+        assert statuses == [200, 200, 200]
+
+
 def test_connections_over_the_cap_get_503(service: InferenceService) -> None:
     with start(service, max_connections=2) as srv:
         first, second = connect(srv), connect(srv)
