@@ -83,7 +83,8 @@ def bad_probation_model(path: Path) -> Path:
     graph = helper.make_graph(nodes, "probation-breaker",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, None, None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
     return path
 
 

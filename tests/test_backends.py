@@ -346,7 +346,8 @@ def test_bad_model_is_not_retried_on_other_providers(
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     bad = tmp_path / "bad.onnx"
-    bad.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    bad.write_bytes(model.SerializeToString())
     with pytest.raises(ModelLoadError, match="INVALID_GRAPH"):
         OnnxBackend(bad, BackendOptions(providers=(TRT, CUDA, CPU), model_sha256=SHA, cache_dir=tmp_path),
                     session_factory=factory)

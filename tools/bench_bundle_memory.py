@@ -34,7 +34,8 @@ def _make_model(path: Path, mb: int) -> None:
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "big",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [weight])
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
 
 
 def _child(op: str, work: Path) -> dict[str, float]:
