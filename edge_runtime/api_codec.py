@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .backends.base import TensorInfo
 from .errors import CacheError, EdgeRuntimeError, InferenceError, InputError, ModelError
@@ -61,7 +62,7 @@ class InferRequest:
     """
 
     id: str | None
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, NDArray[Any]]
     outputs: tuple[str, ...] = ()
     binary_outputs: frozenset[str] = frozenset()
     binary_default: bool = False
@@ -116,7 +117,7 @@ def _check_datatype(where: str, dt: np.dtype[Any], info: TensorInfo) -> None:
     raise InputError(f"{where}: datatype {datatype_of(dt)} does not match the model's {datatype_of(info.dtype)}")
 
 
-def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...], count: int) -> np.ndarray:
+def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...], count: int) -> NDArray[Any]:
     if not isinstance(data, list):
         raise InputError(f"{where}: 'data' must be a list (flat or nested, row-major)")
     try:
@@ -147,7 +148,7 @@ def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...],
     return out.reshape(shape)
 
 
-def _from_binary(where: str, chunk: memoryview, dt: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def _from_binary(where: str, chunk: memoryview, dt: np.dtype[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     arr = np.frombuffer(chunk, dtype=dt.newbyteorder("<")).reshape(shape)
     if not arr.dtype.isnative:
         arr = arr.astype(dt)
@@ -183,7 +184,7 @@ def decode_infer_request(body: bytes, header_length: int | None, inputs: Mapping
     entries = doc.get("inputs")
     if not isinstance(entries, list) or not entries:
         raise InputError("request needs a non-empty 'inputs' list")
-    feeds: dict[str, np.ndarray] = {}
+    feeds: dict[str, NDArray[Any]] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise InputError(f"inputs[{i}] must be an object")
@@ -221,7 +222,7 @@ def decode_infer_request(body: bytes, header_length: int | None, inputs: Mapping
     return _decode_outputs(doc, request_id, feeds, outputs)
 
 
-def _decode_outputs(doc: Mapping[str, Any], request_id: str | None, feeds: dict[str, np.ndarray],
+def _decode_outputs(doc: Mapping[str, Any], request_id: str | None, feeds: dict[str, NDArray[Any]],
                     known: Sequence[str]) -> InferRequest:
     wanted = doc.get("outputs", [])
     if not isinstance(wanted, list):
@@ -258,7 +259,7 @@ def dumps(doc: Any) -> bytes:
 
 
 def encode_infer_response(model_name: str, version: int, request: InferRequest,
-                          outputs: Mapping[str, np.ndarray]) -> tuple[bytes, int | None]:
+                          outputs: Mapping[str, NDArray[Any]]) -> tuple[bytes, int | None]:
     """The OIP reply body, and the JSON header's length when binary data follows it (else None).
 
     Raises:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .backends.base import TensorInfo
 from .errors import InputError, ModelLoadError
@@ -102,7 +103,7 @@ def compare(bare: Callable[[], object], library: Callable[[], object], runs: int
     return BenchResult(Timing.of(tb), Timing.of(tl), runs)
 
 
-def bare_runner(path: Path, fmt: str, threads: int, feeds: Mapping[str, np.ndarray],
+def bare_runner(path: Path, fmt: str, threads: int, feeds: Mapping[str, NDArray[Any]],
                 providers: Sequence[str] = (CPU,), spin_wait: bool = False) -> Callable[[], object]:
     """The bare runtime on ``path`` as a user would call it without edge-runtime.
 
@@ -139,12 +140,12 @@ def bare_runner(path: Path, fmt: str, threads: int, feeds: Mapping[str, np.ndarr
     raise ModelLoadError(f"no bare runtime for format {fmt!r}")
 
 
-def interpreter_call(interp: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+def interpreter_call(interp: Any, feeds: Mapping[str, NDArray[Any]]) -> Callable[[], object]:
     """The bare TFLite call: set_tensor for every input, invoke, get_tensor for every output."""
     ins = [(d["index"], feeds[d["name"]]) for d in interp.get_input_details()]
     outs = [d["index"] for d in interp.get_output_details()]
 
-    def call() -> list[np.ndarray]:
+    def call() -> list[NDArray[Any]]:
         for index, value in ins:
             interp.set_tensor(index, value)
         interp.invoke()
@@ -154,7 +155,7 @@ def interpreter_call(interp: Any, feeds: Mapping[str, np.ndarray]) -> Callable[[
 
 
 def random_feeds(inputs: Sequence[TensorInfo], shapes: Mapping[str, Sequence[int | None]] | None = None,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+                 seed: int = 0) -> dict[str, NDArray[Any]]:
     """Seeded random tensors for every input.
 
     ``shapes`` fills dynamic dimensions per input name (None keeps the
@@ -165,7 +166,7 @@ def random_feeds(inputs: Sequence[TensorInfo], shapes: Mapping[str, Sequence[int
             contradicts a static dimension of the model.
     """
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
+    feeds: dict[str, NDArray[Any]] = {}
     for info in inputs:
         hint = tuple((shapes or {}).get(info.name, ()))
         if hint and len(hint) != len(info.shape):
@@ -185,7 +186,7 @@ def random_feeds(inputs: Sequence[TensorInfo], shapes: Mapping[str, Sequence[int
     return feeds
 
 
-def _random(rng: np.random.Generator, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def _random(rng: np.random.Generator, dtype: np.dtype[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind == "b":

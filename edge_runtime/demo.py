@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from .backends import create_backend
 from .backends.base import BackendOptions
@@ -56,7 +57,7 @@ def _golden(model: Path, image: Path, out: Path) -> None:
         savez(fh, **outputs)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path) -> NDArray[Any]:
     return decode_image(path.read_bytes(), 1 << 26, 1 << 26)
 
 

@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import EdgeRuntimeError, GateError, InputError
 from .loaded_model import LoadedModel
@@ -51,7 +53,7 @@ class GateReport:
     latency: LatencyStats | None
 
 
-def _load_array_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+def _load_array_file(path: Path) -> NDArray[Any] | dict[str, NDArray[Any]]:
     with open(path, "rb") as fh:
         data = fh.read(_MAX_GOLDEN_BYTES + 1)
     if len(data) > _MAX_GOLDEN_BYTES:
@@ -66,7 +68,7 @@ def _load_array_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         return {k: loaded[k] for k in loaded.files}
 
 
-def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, np.ndarray]:
+def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, NDArray[Any]]:
     """The model input of one golden case (an .npy/.npz tensor, or an image run through preprocess)."""
     path = model.directory / case.input
     if path.suffix in (".npy", ".npz"):
@@ -79,7 +81,7 @@ def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, np.ndarray]:
     return {model.preprocess_input.name: model.image_to_tensor(image)}
 
 
-def _compare(model: LoadedModel, case: GoldenCase, outputs: dict[str, np.ndarray]) -> str:
+def _compare(model: LoadedModel, case: GoldenCase, outputs: dict[str, NDArray[Any]]) -> str:
     expected = _load_array_file(model.directory / case.expected)
     if isinstance(expected, np.ndarray):
         expected = {model.backend.outputs[0].name: expected}
@@ -150,7 +152,7 @@ def check_gates(model: LoadedModel, runs: int = 30) -> GateReport:
     return GateReport(total, passed, tuple(failures), latency)
 
 
-def sample_feeds(model: LoadedModel) -> dict[str, np.ndarray]:
+def sample_feeds(model: LoadedModel) -> dict[str, NDArray[Any]]:
     """A representative input: the first golden case, else a grey image through the
     preprocessing (so dynamic sizes get the declared size), else zeros."""
     if model.manifest.golden:

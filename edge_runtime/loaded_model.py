@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 
 from .backends import create_backend
 from .backends.base import Backend, BackendOptions, TensorInfo, dequantize, fit_tensor
@@ -88,7 +88,7 @@ class LoadedModel:
 
     # ------------------------------------------------------------------ inference
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Raw tensors in, raw tensors out (no pre/post-processing, no casting).
 
         Raises:
@@ -110,18 +110,18 @@ class LoadedModel:
             feeds = {self.preprocess_input.name: self.image_to_tensor(image)}
         return self._run(feeds, t0)
 
-    def predict_image(self, image: np.ndarray) -> Prediction:
+    def predict_image(self, image: NDArray[Any]) -> Prediction:
         """Run on a decoded BGR uint8 image (e.g. a camera frame)."""
         t0 = time.perf_counter()
         return self._run({self.preprocess_input.name: self.image_to_tensor(image)}, t0)
 
-    def predict_tensor(self, tensor: np.ndarray, input_name: str = "") -> Prediction:
+    def predict_tensor(self, tensor: NDArray[Any], input_name: str = "") -> Prediction:
         """Run on a tensor for one input (batch dim added, cast/quantised as needed)."""
         t0 = time.perf_counter()
         name = input_name or self.preprocess_input.name
         return self._run({name: self.to_tensor(tensor, name)}, t0)
 
-    def to_tensor(self, array: np.ndarray, input_name: str = "") -> np.ndarray:
+    def to_tensor(self, array: NDArray[Any], input_name: str = "") -> NDArray[Any]:
         """Fit ``array`` to an input: add the batch dim, quantise floats, safe casts.
 
         Raises:
@@ -132,7 +132,7 @@ class LoadedModel:
             raise InputError(f"model has no input named {input_name!r}")
         return fit_tensor(array, info)
 
-    def dequantized(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def dequantized(self, outputs: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Outputs with quantised integer tensors converted to float32."""
         return {k: dequantize(v, self._outputs[k]) if k in self._outputs else v for k, v in outputs.items()}
 
@@ -153,14 +153,14 @@ class LoadedModel:
 
     # ------------------------------------------------------------------ internals
 
-    def image_to_tensor(self, image: np.ndarray) -> np.ndarray:
+    def image_to_tensor(self, image: NDArray[Any]) -> NDArray[Any]:
         """Preprocess a BGR image into the model's input tensor (InputError when no preprocess)."""
         if self.preprocessor is None:
             raise InputError(f"model {self.name} declares no preprocess; send a .npy tensor instead of an image")
         tensor, _ = self.preprocessor(image)
         return self.to_tensor(tensor)
 
-    def _run(self, feeds: dict[str, np.ndarray], t0: float) -> Prediction:
+    def _run(self, feeds: dict[str, NDArray[Any]], t0: float) -> Prediction:
         t1 = time.perf_counter()
         outputs = self.backend.infer(feeds)
         t2 = time.perf_counter()

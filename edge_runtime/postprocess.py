@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import InferenceError, ManifestError
 from .manifest import Postprocess
@@ -49,7 +50,7 @@ class Postprocessor:
         self.output = spec.output or output_names[0]
         self.labels = list(labels)
 
-    def __call__(self, outputs: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    def __call__(self, outputs: Mapping[str, NDArray[Any]]) -> list[dict[str, Any]]:
         """One result dict per batch item.
 
         Raises:
@@ -59,7 +60,7 @@ class Postprocessor:
             return self._classify(outputs)
         return _raw(outputs)
 
-    def _classify(self, outputs: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    def _classify(self, outputs: Mapping[str, NDArray[Any]]) -> list[dict[str, Any]]:
         scores = outputs.get(self.output)
         if scores is None or scores.ndim == 0:
             raise InferenceError(f"output {self.output!r} is missing or scalar")
@@ -86,7 +87,7 @@ class Postprocessor:
         return entry
 
 
-def _raw(outputs: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def _raw(outputs: Mapping[str, NDArray[Any]]) -> list[dict[str, Any]]:
     batch = min((a.shape[0] for a in outputs.values() if a.ndim), default=1)
     return [
         {

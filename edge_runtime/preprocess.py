@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .errors import InputError, ManifestError
 from .manifest import Preprocess
@@ -37,7 +39,7 @@ def is_npy(data: bytes) -> bool:
     return data[:6] == _NPY_MAGIC
 
 
-def load_npy(data: bytes, max_bytes: int) -> np.ndarray:
+def load_npy(data: bytes, max_bytes: int) -> NDArray[Any]:
     """Parse .npy bytes (no pickles) of at most ``max_bytes``.
 
     Raises:
@@ -88,7 +90,7 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
     raise InputError("not a JPEG or PNG image")
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> NDArray[Any]:
     """Decode JPEG/PNG bytes to a BGR uint8 HxWx3 array.
 
     Raises:
@@ -156,7 +158,7 @@ class Preprocessor:
         self.bias = _per_channel(-np.asarray(spec.mean, np.float32) / std, self.channels, "mean")
         self.identity = bool(np.all(self.gain == 1) and np.all(self.bias == 0))
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+    def __call__(self, image: NDArray[Any]) -> tuple[NDArray[Any], Letterbox]:
         """Resize, convert and normalise ``image`` (BGR uint8); return the tensor.
 
         Raises:
@@ -174,7 +176,7 @@ class Preprocessor:
             tensor = tensor.transpose(2, 0, 1)
         return np.ascontiguousarray(tensor[None], dtype=self.dtype), box
 
-    def _convert_colour(self, image: np.ndarray) -> np.ndarray:
+    def _convert_colour(self, image: NDArray[Any]) -> NDArray[Any]:
         import cv2
 
         if image.ndim == 2:
@@ -185,7 +187,7 @@ class Preprocessor:
             return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         return image
 
-    def _resize(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+    def _resize(self, image: NDArray[Any]) -> tuple[NDArray[Any], Letterbox]:
         import cv2
 
         h, w = image.shape[:2]
@@ -216,7 +218,7 @@ def _guess_layout(shape: tuple[int | None, ...], channels: int) -> str:
     return "NHWC"
 
 
-def _per_channel(values: np.ndarray, channels: int, key: str) -> np.ndarray:
+def _per_channel(values: NDArray[Any], channels: int, key: str) -> NDArray[Any]:
     if values.size == 1:
         return np.full(channels, values.item(), np.float32)
     if values.size != channels:

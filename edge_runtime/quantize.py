@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .backends import create_backend
 from .backends.base import Backend, BackendOptions, TensorInfo
@@ -57,8 +58,8 @@ class Sample:
     """One real input: where it came from, the model-input tensor, and the fp32 model's outputs."""
 
     path: Path
-    tensor: np.ndarray
-    reference: dict[str, np.ndarray]
+    tensor: NDArray[Any]
+    reference: dict[str, NDArray[Any]]
 
 
 @dataclass(frozen=True)
@@ -226,10 +227,10 @@ class _Reader:
     """A ``CalibrationDataReader``: onnxruntime checks for ``get_next`` by duck typing
     (its ABC has a ``__subclasshook__``), so this module need not import it at load time."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, feeds: list[dict[str, NDArray[Any]]]) -> None:
         self._feeds = iter(feeds)
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
+    def get_next(self) -> dict[str, NDArray[Any]] | None:
         return next(self._feeds, None)
 
 
@@ -239,7 +240,7 @@ def _read(path: Path, max_bytes: int) -> bytes:
         return fh.read(max_bytes + 1)
 
 
-def _tensor(data: bytes, info: TensorInfo, preprocessor: Preprocessor | None, limits: Limits) -> np.ndarray:
+def _tensor(data: bytes, info: TensorInfo, preprocessor: Preprocessor | None, limits: Limits) -> NDArray[Any]:
     if is_npy(data):
         array = load_npy(data, limits.max_image_bytes)
         if array.ndim == len(info.shape) - 1:

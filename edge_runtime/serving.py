@@ -12,9 +12,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
+from numpy.typing import NDArray
 
 from .errors import CacheError, EdgeRuntimeError, InputError, ModelError
 from .loaded_model import LoadedModel, Prediction
@@ -57,7 +57,7 @@ class InferenceService:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._first_ok.wait(timeout)
 
-    def warm_up(self, name: str, model: LoadedModel, feeds: Mapping[str, np.ndarray]) -> None:
+    def warm_up(self, name: str, model: LoadedModel, feeds: Mapping[str, NDArray[Any]]) -> None:
         """Run ``model`` once before it serves (not counted as traffic); a success
         counts as the first good inference for readiness. Failures are logged only:
         the gates already judged the model, and some need real inputs."""
@@ -83,11 +83,11 @@ class InferenceService:
         """Image (JPEG/PNG) or .npy bytes -> (version, prediction)."""
         return self._run(name, lambda m: m.predict_bytes(data))
 
-    def predict_image(self, name: str, image: np.ndarray) -> tuple[int, Prediction]:
+    def predict_image(self, name: str, image: NDArray[Any]) -> tuple[int, Prediction]:
         """A decoded BGR frame -> (version, prediction)."""
         return self._run(name, lambda m: m.predict_image(image))
 
-    def infer(self, name: str, feeds: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    def infer(self, name: str, feeds: Mapping[str, NDArray[Any]]) -> tuple[int, dict[str, NDArray[Any]]]:
         """Raw tensors -> (version, raw outputs); feeds are cast/quantised to fit."""
         return self._run(name, lambda m: m.infer({k: m.to_tensor(v, k) for k, v in feeds.items()}))
 

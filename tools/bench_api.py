@@ -38,9 +38,11 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from edge_runtime.api_server import ApiServer
 from edge_runtime.bundle_writer import BundleSpec, pack_bundle
@@ -118,7 +120,7 @@ def _daemon(pipe: Connection, work: str, threads: int, tcp_nodelay: bool, jpeg: 
 
 @contextlib.contextmanager
 def _daemon_process(work: Path, threads: int, jpeg: bytes, tcp_nodelay: bool = True,
-                    ) -> Iterator[tuple[http.client.HTTPConnection, Callable[[str], Runner], np.ndarray]]:
+                    ) -> Iterator[tuple[http.client.HTTPConnection, Callable[[str], Runner], NDArray[Any]]]:
     """(keep-alive connection to the daemon, runner of named calls inside it, the tensor it made)."""
     ctx = multiprocessing.get_context("spawn")  # no fork after onnxruntime started its threads
     parent, child = ctx.Pipe()

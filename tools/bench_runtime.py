@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 
 from edge_runtime.benchmark import bare_runner, compare, interpreter_call, random_feeds
 from edge_runtime.bundle_writer import BundleSpec, pack_bundle
@@ -55,13 +55,13 @@ def _install(path: Path, threads: int, work: Path) -> LoadedModel:
     return store.load(name)
 
 
-def _feeds(model: LoadedModel) -> dict[str, np.ndarray]:
+def _feeds(model: LoadedModel) -> dict[str, NDArray[Any]]:
     # ppocr_cls has dynamic height/width: feed the 48x192 text-line crop it was trained on.
     shapes = {t.name: (None, None, 48, 192) for t in model.backend.inputs if len(t.shape) == 4 and t.shape[2] is None}
     return random_feeds(model.backend.inputs, shapes)
 
 
-def _same_runtime(model: LoadedModel, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+def _same_runtime(model: LoadedModel, feeds: dict[str, NDArray[Any]]) -> Callable[[], object]:
     """The bare call on the very runtime object the library wraps (isolates the wrapper's cost)."""
     backend: Any = model.backend
     if hasattr(backend, "session"):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, final
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..errors import InputError, ModelLoadError
 
@@ -103,7 +104,7 @@ class Backend(ABC):
         self._input_names = frozenset(t.name for t in inputs)
 
     @final
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Run the model on raw input tensors keyed by input name.
 
         Checks the feeds first: every input present and no unknown name, dtype
@@ -148,7 +149,7 @@ class Backend(ABC):
         return self._run(feeds)
 
     @abstractmethod
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Run the runtime on feeds that :meth:`infer` checked; every output keyed by name.
 
         Raises:
@@ -178,18 +179,18 @@ class Backend(ABC):
             raise ModelLoadError(f"{path.name}: model file is empty")
 
 
-def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
+def quantize(x: NDArray[Any], info: TensorInfo) -> NDArray[Any]:
     """Float -> the tensor's integer dtype with its scale/zero point (round, clip)."""
     if info.quantization is None or np.dtype(info.dtype).kind not in "iu":
         return x.astype(info.dtype, copy=False)
     scale, zero = info.quantization
     limits = np.iinfo(np.dtype(info.dtype))
     q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero
-    out: np.ndarray = np.clip(q, limits.min, limits.max).astype(info.dtype)
+    out: NDArray[Any] = np.clip(q, limits.min, limits.max).astype(info.dtype)
     return out
 
 
-def fit_tensor(array: np.ndarray, info: TensorInfo) -> np.ndarray:
+def fit_tensor(array: NDArray[Any], info: TensorInfo) -> NDArray[Any]:
     """``array`` fitted to an input: batch dim added, floats quantised, safe casts.
 
     Raises:
@@ -204,15 +205,15 @@ def fit_tensor(array: np.ndarray, info: TensorInfo) -> np.ndarray:
     if info.quantization is not None and array.dtype.kind == "f":
         return quantize(array, info)
     if np.can_cast(array.dtype, info.dtype, "same_kind"):
-        cast: np.ndarray = array.astype(info.dtype)
+        cast: NDArray[Any] = array.astype(info.dtype)
         return cast
     raise InputError(f"input {info.name!r} needs {info.dtype}, got {array.dtype}")
 
 
-def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
+def dequantize(q: NDArray[Any], info: TensorInfo) -> NDArray[Any]:
     """The tensor's integers -> float32 with its scale/zero point; floats pass."""
     if info.quantization is None or q.dtype.kind not in "iu":
         return q
     scale, zero = info.quantization
-    out: np.ndarray = (q.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+    out: NDArray[Any] = (q.astype(np.float32) - np.float32(zero)) * np.float32(scale)
     return out

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
+from numpy.typing import NDArray
 
 from ..errors import InferenceError, InputError, ManifestError, ModelLoadError
 from ..fsutil import make_private_dir, sha256_file
@@ -266,7 +266,7 @@ class OnnxBackend(Backend):
         """The underlying ``onnxruntime.InferenceSession`` (diagnostics, benchmarks)."""
         return self._session
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Run the session; onnxruntime's errors become InputError (InvalidArgument) or InferenceError."""
         try:
             results = self._session_run(self._output_names, feeds)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..errors import BackendUnavailableError, InferenceError, InputError, ModelLoadError
 from .base import Backend, BackendOptions, TensorInfo
@@ -143,7 +144,7 @@ class TFLiteBackend(Backend):
         """The underlying interpreter (diagnostics, benchmarks); not thread-safe on its own."""
         return self._interpreter
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         """Set, invoke and get under the lock (the interpreter is not thread-safe).
 
         Raises:
@@ -171,7 +172,7 @@ class TFLiteBackend(Backend):
         with self._lock:
             self._interpreter = None
 
-    def _resize(self, interpreter: Any, feeds: Mapping[str, np.ndarray]) -> None:
+    def _resize(self, interpreter: Any, feeds: Mapping[str, NDArray[Any]]) -> None:
         changed = False
         try:
             for name, index in self._in:

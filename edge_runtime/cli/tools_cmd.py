@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from numpy.typing import NDArray
 
 from ..backends import create_backend
 from ..backends.base import Backend, BackendOptions, TensorInfo, fit_tensor
@@ -137,11 +137,11 @@ class _Target:
     path: Path
     fmt: str
     backend: Backend
-    library: Callable[[dict[str, np.ndarray]], object]
+    library: Callable[[dict[str, NDArray[Any]]], object]
     input: TensorInfo
     preprocessor: Preprocessor | None
-    npy_tensor: Callable[[np.ndarray], np.ndarray]
-    image_tensor: Callable[[np.ndarray], np.ndarray] | None
+    npy_tensor: Callable[[NDArray[Any]], NDArray[Any]]
+    image_tensor: Callable[[NDArray[Any]], NDArray[Any]] | None
     close: Callable[[], None]
 
 
@@ -159,7 +159,7 @@ def _file_target(args: argparse.Namespace, threads: int, spin_wait: bool) -> _Ta
         backend.close()
         raise
 
-    def image_tensor(image: np.ndarray) -> np.ndarray:
+    def image_tensor(image: NDArray[Any]) -> NDArray[Any]:
         assert preprocessor is not None
         return fit_tensor(preprocessor(image)[0], info)
 
@@ -178,7 +178,7 @@ def _installed_target(ctx: Context, args: argparse.Namespace, threads: int) -> _
                    model.image_to_tensor if model.preprocessor else None, model.close)
 
 
-def _feeds(target: _Target, args: argparse.Namespace, max_bytes: int, max_pixels: int) -> dict[str, np.ndarray]:
+def _feeds(target: _Target, args: argparse.Namespace, max_bytes: int, max_pixels: int) -> dict[str, NDArray[Any]]:
     inputs, pre, info = target.backend.inputs, target.preprocessor, target.input
     shapes: dict[str, Sequence[int | None]] = {}
     if args.shape:
@@ -186,7 +186,7 @@ def _feeds(target: _Target, args: argparse.Namespace, max_bytes: int, max_pixels
     elif pre is not None and len(info.shape) == 4:
         hwc = (pre.height, pre.width, pre.channels)
         shapes[info.name] = (None, hwc[2], hwc[0], hwc[1]) if pre.layout == "NCHW" else (None, *hwc)
-    given: dict[str, np.ndarray] = {}
+    given: dict[str, NDArray[Any]] = {}
     if args.input is not None:
         with open(args.input, "rb") as fh:
             data = fh.read(max_bytes + 1)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
+from numpy.typing import NDArray
 
 from ..config import Limits, SourceConfig
 from ..errors import ConfigError
@@ -45,7 +45,7 @@ __all__ = [
     "build_source",
 ]
 
-Payload = bytes | np.ndarray
+Payload = bytes | NDArray[Any]
 Item = tuple[str, Payload]
 SOURCE_TYPES = ("folder", "video", "camera", "rtsp", "mqtt", "none")
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from ..config import SourceConfig
 from ..errors import ConfigError
@@ -187,7 +188,7 @@ class CaptureSource(Source):
             self._failed(f"cannot open: {self._scrub(str(e))}")
         return None
 
-    def _next_frame(self, capture: Capture, due: float) -> np.ndarray | None:
+    def _next_frame(self, capture: Capture, due: float) -> NDArray[Any] | None:
         """The next frame at or after ``due`` (paced), or None when the read failed or we are stopping."""
         try:
             if self.interval and not self.live:
