@@ -136,7 +136,7 @@ def _from_json(where: str, data: Any, dt: np.dtype[Any], shape: tuple[int, ...],
         raise InputError(f"{where}: {datatype_of(dt)} 'data' must hold only {kind}")
     if dt.kind in "iu":
         limits = np.iinfo(dt)
-        if arr.min() < limits.min or arr.max() > limits.max:
+        if np.min(arr) < limits.min or np.max(arr) > limits.max:
             raise InputError(f"{where}: values out of range for {datatype_of(dt)}")
         return arr.astype(dt).reshape(shape)
     if dt.kind == "b":
@@ -154,7 +154,7 @@ def _from_binary(where: str, chunk: memoryview, dt: np.dtype[Any], shape: tuple[
         arr = arr.astype(dt)
     elif not arr.flags.aligned:
         arr = arr.copy()  # the JSON header's length puts tensors at any offset; runtimes want aligned data
-    if dt.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+    if dt.kind == "b" and arr.size and np.max(arr.view(np.uint8)) > 1:
         raise InputError(f"{where}: BOOL binary data must be bytes 0 or 1")
     return arr
 

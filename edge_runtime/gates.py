@@ -40,7 +40,7 @@ class LatencyStats:
     def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
         a = np.asarray(samples_ms, np.float64)
         p50, p95, p99 = np.percentile(a, [50, 95, 99])
-        return cls(len(samples_ms), float(p50), float(p95), float(p99), float(a.max()))
+        return cls(len(samples_ms), float(p50), float(p95), float(p99), float(np.max(a)))
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class Postprocessor:
         scores = outputs.get(self.output)
         if scores is None or scores.ndim == 0:
             raise InferenceError(f"output {self.output!r} is missing or scalar")
-        flat = scores.reshape(scores.shape[0], -1).astype(np.float32, copy=False)
+        flat: NDArray[Any] = scores.reshape(scores.shape[0], -1).astype(np.float32, copy=False)
         if self.spec.activation == "softmax":
             shifted = np.exp(flat - flat.max(axis=1, keepdims=True))
             flat = shifted / shifted.sum(axis=1, keepdims=True)
