@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,16 +26,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ppocr_bench_kit import free_port, make_publisher, pack_ppocr
 
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
 from edge_runtime.config import Config
-from edge_runtime.manifest import TensorSpec
 from edge_runtime.model_store import ModelStore
 from edge_runtime.model_zoo import fetch
-from edge_runtime.signing import generate_keypair, load_private_key
 
-_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
-       (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
 _BARE = """
 import sys, numpy as np, onnxruntime as ort
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
@@ -57,28 +52,17 @@ def _rss_mb(pid: int) -> float:
 
 
 def _setup(work: Path, threads: int, spin_wait: bool) -> tuple[Path, int, Path]:
-    generate_keypair(work / "key")
-    (work / "trust").mkdir()
-    (work / "trust" / "k.pub").write_bytes((work / "key.pub").read_bytes())
+    key, trust = make_publisher(work)
     state = work / "state"
-    store = ModelStore(Config(state_dir=state, trust_dir=work / "trust"))
+    store = ModelStore(Config(state_dir=state, trust_dir=trust))
     for v in (1, 2):
-        bundle = work / f"v{v}.bundle"
-        pack_bundle(bundle, BundleSpec(name="ppocr", version=v, format="onnx", model=fetch("ppocr_cls"),
-                                       inputs=_IO[0], outputs=_IO[1]), [load_private_key(work / "key")])
-        store.install(bundle, activate=True, gates=False)
+        store.install(pack_ppocr(work / f"v{v}.bundle", "ppocr", v, key), activate=True, gates=False)
     store.cache.activate("ppocr", 1)
-    port = _free_port()
+    port = free_port()
     config = work / "config.toml"
-    config.write_text(f'state_dir = "{state}"\ntrust_dir = "{work / "trust"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+    config.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
                       f"[backend]\nthreads = {threads}\nspin_wait = {str(spin_wait).lower()}\n")
     return config, port, state
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bodies() -> dict[str, tuple[bytes, dict[str, str]]]:

@@ -27,7 +27,6 @@ import http.server
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,25 +36,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from ppocr_bench_kit import free_port, make_publisher, pack_ppocr
 
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.manifest import Gates, TensorSpec
+from edge_runtime.manifest import Gates
 from edge_runtime.model_cache import ModelCache
-from edge_runtime.model_zoo import fetch
-from edge_runtime.signing import generate_keypair, load_private_key
 
 TOOLS = Path(__file__).resolve().parent
-_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
-       (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
 _X = np.zeros((1, 3, 48, 192), np.float32)
 _BODY = json.dumps({"inputs": [{"name": "x", "shape": list(_X.shape), "datatype": "FP32",
                                 "data": _X.ravel().tolist()}]}).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -102,26 +91,19 @@ def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
 def soak(cycles: int, max_delay: float, seed: int, work: Path) -> dict[str, float]:
     """Run the soak in ``work``; return the table's numbers. Raises RuntimeError on the first bad cycle."""
     rng = random.Random(seed)
-    model = fetch("ppocr_cls")
-    key = work / "publisher.key"
-    generate_keypair(key)
-    (work / "trust").mkdir()
-    (work / "trust" / "publisher.pub").write_bytes((work / "publisher.key.pub").read_bytes())
+    key, trust = make_publisher(work)
     (work / "bundles").mkdir()
     state = work / "state"
-    port = _free_port()
-    signer = load_private_key(key)
+    port = free_port()
 
     def bundle(version: int) -> Path:
-        path = work / "bundles" / f"ppocr-cls-{version}.bundle"
-        pack_bundle(path, BundleSpec(name="ppocr-cls", version=version, format="onnx", model=model,
-                                     inputs=_IO[0], outputs=_IO[1], gates=Gates(latency_ms_p95=5000.0)), [signer])
-        return path
+        return pack_ppocr(work / "bundles" / f"ppocr-cls-{version}.bundle", "ppocr-cls", version, key,
+                          Gates(latency_ms_p95=5000.0))
 
     (work / "www").mkdir()
     with _http_server(work / "www") as base:
         config = work / "config.toml"
-        config.write_text(f'state_dir = "{state}"\ntrust_dir = "{work / "trust"}"\n'
+        config.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust}"\n'
                           f'[api]\nlisten = "127.0.0.1:{port}"\n'
                           "[activation]\nprobation_inferences = 10\nprobation_seconds = 30.0\nmax_boot_attempts = 2\n"
                           f'[ota]\nchannel_url = "{base}/channel.json"\nallow_http = true\npoll_seconds = 0.3\n'

