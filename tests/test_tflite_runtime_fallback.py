@@ -2,12 +2,13 @@
 
 Devices that cannot install ai-edge-litert run tflite-runtime, which needs
 numpy<2. This builds that environment once (``.cache/venv-tflite-runtime``,
-from the package registry), runs the backend there on real models, and checks
+from the hash-pinned ``tools/lock/tflite-runtime.txt``), runs the backend there on real models, and checks
 the outputs against LiteRT in this process on the same inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from edge_runtime.backends import BackendOptions, create_backend
 
 REPO = Path(__file__).resolve().parent.parent
 LEGACY_VENV = REPO / ".cache" / "venv-tflite-runtime"
-REQUIREMENTS = ("numpy<2", "tflite-runtime>=2.13")
+LOCK = REPO / "tools" / "lock" / "tflite-runtime.txt"
 
 pytestmark = pytest.mark.skipif(sys.version_info >= (3, 12),
                                 reason="tflite-runtime publishes wheels for Python <= 3.11 only")
@@ -31,12 +32,12 @@ pytestmark = pytest.mark.skipif(sys.version_info >= (3, 12),
 @pytest.fixture(scope="module")
 def legacy_python() -> Path:
     python = LEGACY_VENV / "bin" / "python"
-    stamp = LEGACY_VENV / ".installed"
+    stamp = LEGACY_VENV / f".installed-{hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16]}"
     if not stamp.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(LEGACY_VENV)], check=True)
-        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS],
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--require-hashes", "-r", str(LOCK)],
                              capture_output=True, text=True, check=False)
-        assert pip.returncode == 0, f"could not install {REQUIREMENTS}: {pip.stderr[-2000:]}"
+        assert pip.returncode == 0, f"could not install {LOCK}: {pip.stderr[-2000:]}"
         stamp.touch()
     return python
 
