@@ -12,6 +12,7 @@ bodies are never logged; the access log is DEBUG.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import io
@@ -56,6 +57,7 @@ _IMAGE_TYPES = frozenset({"image/jpeg", "image/png"})
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _BUFFER = 64 << 10
 _MAX_LINE, _MAX_HEADERS = 65536, 100  # the stdlib's limits
+_LINGER_SECONDS = 5.0  # at most this long draining an unread body after an early reply
 _SERVER = f"edge-runtime/{__version__}"
 _SERVER_METADATA = dumps({"name": "edge-runtime", "version": __version__, "extensions": ["binary_tensor_data"]})
 
@@ -156,6 +158,32 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, _BUFFER)
         self.wfile = self.connection.makefile("wb", _BUFFER)
+
+    def finish(self) -> None:
+        if self._pending_body:
+            self._linger()
+        super().finish()
+
+    def _linger(self) -> None:
+        """Read and discard what the client still sends after a reply given before its body was read.
+
+        Closing a socket with unread bytes makes the kernel send a reset, and a client
+        still sending its body (http.client, curl, tritonclient all do before they read)
+        then loses the reply already on its way: a 503 or 413 would reach it as EPIPE or
+        ECONNRESET. So: FIN after the reply, then drain until the client's FIN, bounded in
+        time (like nginx's lingering close) and in bytes (four times ``api.max_request_bytes``:
+        a client that declared a body over the cap still gets its 413).
+        """
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        left = 4 * self.context.config.max_request_bytes + _BUFFER
+        self._reader.deadline = min(self._reader.deadline, time.monotonic() + _LINGER_SECONDS)
+        with contextlib.suppress(OSError, ValueError):  # TimeoutError is an OSError: give up, close
+            while left > 0:
+                chunk = self.rfile.read1(min(left, _BUFFER))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def handle_one_request(self) -> None:
         self._pending_body = self._expect_continue = False

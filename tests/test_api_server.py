@@ -85,7 +85,8 @@ def service(models: dict[str, LoadedModel]) -> InferenceService:
 
 def start(service: InferenceService, listen: str = "127.0.0.1:0", **kwargs: Any) -> ApiServer:
     max_concurrency = kwargs.pop("max_concurrency", 4)
-    server = ApiServer(ApiConfig(listen=listen, max_request_bytes=1 << 20, max_concurrency=max_concurrency),
+    max_request_bytes = kwargs.pop("max_request_bytes", 1 << 20)
+    server = ApiServer(ApiConfig(listen=listen, max_request_bytes=max_request_bytes, max_concurrency=max_concurrency),
                        service, service.metrics, **kwargs)
     server.start()
     return server
@@ -473,6 +474,25 @@ def test_over_max_concurrency_gets_503_and_health_still_answers(service: Inferen
         thread.join(5)
         assert isinstance(replies[0], Reply) and replies[0].status == 200
         assert call(connect(srv), "POST", INFER, json_infer_body(ppocr_tensor())).status == 200
+
+
+@pytest.mark.parametrize("mb", [6, 12])
+def test_a_refused_request_still_gets_its_reply_while_the_client_sends_the_body(
+        service: InferenceService, monkeypatch: pytest.MonkeyPatch, mb: int) -> None:
+    # http.client sends the whole body before it reads: the 503 (or 413) goes out before the body
+    # is read, and closing with unread bytes used to reset the connection under the client (EPIPE
+    # while sending, or ECONNRESET reading), so it never saw the reply.
+    gate = Gate(service, monkeypatch)
+    body = b"x" * (mb << 20)
+    with start(service, max_concurrency=1, max_request_bytes=8 << 20) as srv:
+        thread, replies = gate.post_in_background(srv)
+        for _ in range(3):
+            refused = call(connect(srv), "POST", INFER, body, {"Content-Type": "application/json"})
+            assert refused.status == (503 if mb < 8 else 413), refused
+            assert refused.closed and "api.max_" in refused.error()
+        gate.release.set()
+        thread.join(5)
+        assert isinstance(replies[0], Reply) and replies[0].status == 200
 
 
 class _SlowRelease:
