@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -55,22 +59,37 @@ def _rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
+def _live_rss_mb() -> float:
+    """RSS after a GC and glibc's malloc_trim: memory still in use, not free heap the allocator keeps."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the raw RSS, noisier
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    return _rss_mb()
+
+
 def test_activate_rollback_cycles_do_not_leak(tmp_path: Path, keys: dict[str, Path], zoo: Zoo) -> None:
+    # A leak grows by the same amount in every window of cycles; allocator and runtime arenas
+    # grow early and then plateau. Measured here (onnxruntime 1.32, glibc): live RSS 98.9 MB
+    # after 20 cycles, 99.4 after 120, then 99.6-99.9 MB up to 620 cycles; the raw RSS moved
+    # +-1.5 MB between windows (that noise made the old single 5 MB bound flaky).
     rig = Rig(tmp_path, keys, zoo, probation_inferences=0, probation_seconds=3600)
+    rig.bus.unsubscribe(rig.events.append)  # the rig's own list of every event is the test's, not a leak
 
-    def cycle() -> None:
-        rig.activator.activate("ppocr-cls", 2)
-        assert rig.version() == 2
-        rig.activator.rollback("ppocr-cls")
-        assert rig.version() == 1
+    def cycles(n: int) -> float:
+        for _ in range(n):
+            rig.activator.activate("ppocr-cls", 2)
+            assert rig.version() == 2
+            rig.activator.rollback("ppocr-cls")
+            assert rig.version() == 1
+        return _live_rss_mb()
 
-    for _ in range(10):  # allocator and runtime arenas reach their steady size
-        cycle()
-    before = _rss_mb()
-    for _ in range(100):
-        cycle()
-    growth = _rss_mb() - before
-    assert growth < 5.0, f"RSS grew {growth:.1f} MB over 100 activate/rollback cycles"
+    cycles(50)  # arenas reach their steady size
+    at_100 = cycles(50)
+    at_150 = cycles(50)
+    at_200 = cycles(50)
+    late = at_200 - at_150
+    assert at_200 - at_100 < 3.0 and late < 1.5, (
+        f"live RSS grew {at_150 - at_100:+.2f} MB over cycles 100-150 and {late:+.2f} MB over 150-200")
 
 
 def test_swap_lets_requests_in_flight_finish_on_the_old_model(tmp_path: Path, keys: dict[str, Path],
