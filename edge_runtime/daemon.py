@@ -24,6 +24,7 @@ from .api_server import ApiServer
 from .config import Config, PipelineConfig
 from .events import EventBus
 from .fsutil import make_private_dir
+from .instance_lock import InstanceLock
 from .metrics import Metrics
 from .model_store import ModelStore
 from .ota import OtaUpdater
@@ -87,12 +88,14 @@ class Daemon:
         self.components: list[Component] = []
         self._supervisor: threading.Thread | None = None
         self._started = False
+        self._instance = InstanceLock(config.state_dir)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Start everything in order. Raises EdgeRuntimeError/OSError if a part cannot start."""
         make_private_dir(self.config.state_dir)
+        self._instance.acquire()  # before anything touches the cache: a second daemon refuses here
         for note in self.store.cache.recover():
             self.events.emit("recovered", reason=note)
         names = set(self.store.cache.names()) | {p.model for p in self.config.pipelines}
@@ -151,6 +154,7 @@ class Daemon:
             _guarded("stopping the API", self.api.stop)
         for slot in self.service.slots.values():
             slot.close()
+        self._instance.release()
 
     def _sink(self, pipe_cfg: PipelineConfig) -> ResultSink | None:
         """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic."""
