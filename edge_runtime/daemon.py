@@ -24,6 +24,7 @@ from .api_server import ApiServer
 from .config import Config, PipelineConfig
 from .events import EventBus
 from .fsutil import make_private_dir
+from .instance_lock import InstanceLock
 from .metrics import Metrics
 from .model_store import ModelStore
 from .ota import OtaUpdater
@@ -87,12 +88,14 @@ class Daemon:
         self.components: list[Component] = []
         self._supervisor: threading.Thread | None = None
         self._started = False
+        self._instance = InstanceLock(config.state_dir)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Start everything in order. Raises EdgeRuntimeError/OSError if a part cannot start."""
         make_private_dir(self.config.state_dir)
+        self._instance.acquire()  # before anything touches the cache: a second daemon refuses here
         for note in self.store.cache.recover():
             self.events.emit("recovered", reason=note)
         names = set(self.store.cache.names()) | {p.model for p in self.config.pipelines}
@@ -113,12 +116,14 @@ class Daemon:
             _log.info("inference API listening on %s", self.api.url)
         inputs = None
         if self.mqtt is not None:
-            inputs = MqttInputs(self.mqtt.link.subscribe, self.mqtt.base, self.config.mqtt.max_input_bytes)
+            inputs = MqttInputs(self.mqtt.link.subscribe, self.mqtt.base, self.config.mqtt.max_input_bytes,
+                                answer=self._mqtt_answer(self.mqtt))
         for pipe_cfg in self.config.pipelines:
             source = build_source(pipe_cfg.source, state_dir=self.config.state_dir, pipeline_name=pipe_cfg.label,
                                   limits=self.config.limits, metrics=self.metrics, events=self.events,
                                   stop_event=self.stop_event, mqtt=inputs)
-            pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events, self._sink(pipe_cfg))
+            pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events,
+                                self._sink(pipe_cfg, source))
             pipeline.start()
             self.pipelines.append(pipeline)
         parts: list[Component] = [self.ota] if self.mqtt is None else [self.ota, self.mqtt]
@@ -151,25 +156,33 @@ class Daemon:
             _guarded("stopping the API", self.api.stop)
         for slot in self.service.slots.values():
             slot.close()
+        self._instance.release()
 
-    def _sink(self, pipe_cfg: PipelineConfig) -> ResultSink | None:
-        """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic."""
+    def _sink(self, pipe_cfg: PipelineConfig, source: object) -> ResultSink | None:
+        """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic;
+        an MQTT input's result goes back to its sender (the source's ``answer``)."""
         printer = self.on_result if pipe_cfg.results != "none" else None
         bridge = self.mqtt
         if bridge is None:
             return printer
-        from_mqtt = pipe_cfg.source.type == "mqtt"
+        answer: ResultSink = getattr(source, "answer", None) or bridge.publish_result
 
         def sink(result: dict[str, Any]) -> None:
             if printer is not None:
                 printer(result)
-            if from_mqtt:
-                key = str(result.get("key", ""))
-                bridge.publish_result({**result, "correlation_id": key}, correlation=key.encode())
-            else:
-                bridge.publish_result(result)
+            answer(result)
 
         return sink
+
+    def _mqtt_answer(self, bridge: MqttBridge) -> Callable[[str | None, dict[str, Any], bytes], None]:
+        """How MQTT sources answer an input: at its response topic, else the results topic of its model."""
+        models = {p.label: p.model for p in self.config.pipelines}
+
+        def answer(response_topic: str | None, doc: dict[str, Any], correlation: bytes) -> None:
+            doc = {"model": models.get(str(doc.get("pipeline")), ""), **doc}
+            bridge.publish_result(doc, correlation=correlation, response_topic=response_topic)
+
+        return answer
 
     def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit code (0)."""

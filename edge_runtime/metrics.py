@@ -3,6 +3,12 @@
 One :class:`Metrics` instance is shared by every stage. Updates are a lock and
 a few integer adds (cheap on the hot path); reads build snapshots for
 ``GET /metrics`` and MQTT telemetry.
+
+The Prometheus names use base units (``edge_inference_latency_seconds``, so
+``promtool check metrics`` is clean), and every counter of a known model or
+pipeline is exported from 0 on (:meth:`Metrics.known_model`,
+:meth:`Metrics.known_pipeline`), so ``rate()`` and alerts see the first increment.
+Internally latencies stay milliseconds (telemetry, the API's timings).
 """
 
 from __future__ import annotations
@@ -70,6 +76,18 @@ class Metrics:
             stats.latency_sum_ms += latency_ms
             stats.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
             stats.recent.append((now, latency_ms))
+
+    def known_model(self, model: str) -> None:
+        """Export ``model``'s counters (at 0) before its first inference."""
+        with self._lock:
+            self._model(model)
+
+    def known_pipeline(self, pipeline: str) -> None:
+        """Export ``pipeline``'s drop and source-error counters (at 0) and its queue depth before any update."""
+        with self._lock:
+            self._drops[pipeline] += 0
+            self._source_errors[pipeline] += 0
+            self._queue_depth.setdefault(pipeline, 0)
 
     def set_version(self, model: str, version: int) -> None:
         """The version now serving ``model``."""
@@ -145,15 +163,15 @@ class Metrics:
         lines += [f'edge_inference_errors_total{{model="{_esc(n)}"}} {m[2]}' for n, m in models.items()]
         family("edge_model_version", "gauge", "Active model version per model name.")
         lines += [f'edge_model_version{{model="{_esc(n)}"}} {m[0]}' for n, m in models.items()]
-        family("edge_inference_latency_ms", "histogram", "Inference latency in milliseconds.")
+        family("edge_inference_latency_seconds", "histogram", "Inference latency in seconds.")
         for n, (_, count, _, buckets, total) in models.items():
             cumulative = 0
             for bound, hits in zip((*LATENCY_BUCKETS_MS, float("inf")), buckets, strict=True):
                 cumulative += hits
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'edge_inference_latency_ms_bucket{{model="{_esc(n)}",le="{le}"}} {cumulative}')
-            lines.append(f'edge_inference_latency_ms_sum{{model="{_esc(n)}"}} {total:.6f}')
-            lines.append(f'edge_inference_latency_ms_count{{model="{_esc(n)}"}} {count}')
+                le = "+Inf" if bound == float("inf") else repr(bound / 1000.0)
+                lines.append(f'edge_inference_latency_seconds_bucket{{model="{_esc(n)}",le="{le}"}} {cumulative}')
+            lines.append(f'edge_inference_latency_seconds_sum{{model="{_esc(n)}"}} {total / 1000.0:.9f}')
+            lines.append(f'edge_inference_latency_seconds_count{{model="{_esc(n)}"}} {count}')
         family("edge_frames_dropped_total", "counter", "Frames dropped because inference was busy.")
         lines += [f'edge_frames_dropped_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(drops.items())]
         family("edge_source_errors_total", "counter", "Source failures (reconnects, unreadable inputs).")

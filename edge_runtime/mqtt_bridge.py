@@ -175,8 +175,10 @@ class MqttBridge:
         self.forwarder.wake()
         return seq
 
-    def publish_result(self, result: dict[str, Any], correlation: bytes | None = None) -> None:
-        """Results sink: MQTT-input results always, others only when enabled and within the rate."""
+    def publish_result(self, result: dict[str, Any], correlation: bytes | None = None,
+                       response_topic: str | None = None) -> None:
+        """Results sink: MQTT-input answers always (at ``response_topic`` when given), others only
+        when enabled and within the rate."""
         model = str(result.get("model", ""))
         if correlation is None:
             if not self.settings.get("mqtt.results"):
@@ -188,7 +190,7 @@ class MqttBridge:
         payload = json.dumps(result, sort_keys=True, default=str).encode()
         # Best effort: telemetry and events are the spooled record, results are not.
         with contextlib.suppress(LinkError):
-            self.link.publish(f"{self.base}/results/{model}", payload, qos=1 if correlation else 0,
+            self.link.publish(response_topic or f"{self.base}/results/{model}", payload, qos=1 if correlation else 0,
                               correlation_data=correlation)
 
     # ------------------------------------------------------------------ commands

@@ -5,9 +5,8 @@ queue of ``config.source.queue`` items: a lossy source (camera, stream) drops
 the oldest item when the queue is full (latest-frame policy, counted in
 ``metrics.drop``); a lossless one (folder) waits for room, so every file is
 processed. The *worker thread* runs each item through the
-:class:`InferenceService` and hands a JSON-ready record to the log
-(``results = "log"``: one INFO line on the ``edge_runtime.results`` logger)
-and to ``on_result``.
+:class:`InferenceService` and hands a JSON-ready record to ``on_result`` (the daemon prints it once, as
+JSON on stdout, for ``results = "log"``; it is not logged a second time).
 
 Errors never stop the worker: a bad input is counted as a source error and
 reported per item (``source_error`` event); inference failures are counted
@@ -21,7 +20,6 @@ raises (a bug) ends its thread with a ``pipeline_failed`` event and
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -47,7 +45,6 @@ prints it), ``latency_ms`` the stage timings (``preprocess``, ``infer``,
 
 _MODEL_RETRY_SECONDS = 0.5
 _log = logging.getLogger(__name__)
-_results_log = logging.getLogger("edge_runtime.results")
 
 
 class _ItemQueue:
@@ -113,7 +110,7 @@ class Pipeline:
     """Runs ``config.model`` on every item of ``source``; see the module docstring for the policy.
 
     Nothing runs until :meth:`start`. ``on_result`` is called from the worker
-    thread (keep it quick); ``results = "none"`` only turns the log line off.
+    thread (keep it quick); what it does with ``results`` is the caller's (the daemon's sink).
     """
 
     def __init__(self, config: PipelineConfig, source: Source, service: InferenceService, metrics: Metrics,
@@ -144,6 +141,7 @@ class Pipeline:
         Raises:
             RuntimeError: started twice (a pipeline runs once; build a new one to restart).
         """
+        self.metrics.known_pipeline(self.name)  # its counters are exported from 0 on
         self.metrics.queue_depth(self.name, 0)
         self._worker.start()
         self._source_thread.start()
@@ -285,8 +283,6 @@ class Pipeline:
             "latency_ms": {k: round(v, 3) for k, v in timings.items()},
             "ts": round(time.time(), 3),
         }
-        if self.config.results == "log" and _results_log.isEnabledFor(logging.INFO):
-            _results_log.info("%s", json.dumps(record, sort_keys=True, default=str))
         if self.on_result is not None:
             try:
                 self.on_result(record)

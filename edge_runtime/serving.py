@@ -43,6 +43,7 @@ class InferenceService:
         slot = self.slots.get(name)
         if slot is None:
             slot = self.slots[name] = ModelSlot(name)
+            self.metrics.known_model(name)  # its counters are exported from 0 on
         return slot
 
     def observe(self, fn: Observer) -> None:

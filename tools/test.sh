@@ -11,6 +11,7 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
         sudo apt-get install -y -q mosquitto >/dev/null
     fi
 fi
+command -v promtool >/dev/null || { [ "$(id -u)" = 0 ] || SUDO=sudo; ${SUDO:-} apt-get install -y -q prometheus >/dev/null 2>&1 || { ${SUDO:-} apt-get update -q >/dev/null && ${SUDO:-} apt-get install -y -q prometheus >/dev/null; }; }  # promtool: /metrics test
 python tools/fetch_models.py
 echo "== ruff";   ruff check edge_runtime tools tests
 echo "== mypy";   mypy

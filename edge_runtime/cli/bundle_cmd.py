@@ -1,4 +1,4 @@
-"""``edge-runtime bundle keygen|pack|verify|inspect``: the publisher's side."""
+"""``edge-runtime bundle keygen|pack|golden|verify|inspect``: the publisher's side."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from ..backends import create_backend
 from ..backends.base import BackendOptions, TensorInfo
 from ..bundle_reader import inspect_bundle, read_bundle
 from ..bundle_writer import BundleSpec, GoldenSource, pack_bundle
-from ..errors import ManifestError
+from ..errors import ConfigError, InputError, ManifestError
 from ..manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
-from ..signing import generate_keypair, load_private_key, load_trusted_keys
+from ..signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
 from ..typed_toml import build, load_toml
 from .common import Context, emit, verb_parser
 
@@ -122,14 +122,32 @@ def _pack(ctx: Context, args: argparse.Namespace) -> int:
 def _verify(ctx: Context, args: argparse.Namespace) -> int:
     # A publisher verifies without a device cache: a throw-away staging dir, and
     # no device policy (anti-rollback floor, hardware) — `models install` adds those.
+    # --key-file: the publisher's own *.pub instead of a device's trust dir (which a publisher has not got).
     config = ctx.config
+    if args.threshold < 0:
+        raise InputError(f"--threshold must be at least 1, got {args.threshold}")
+    if args.key_file:
+        trusted = {key_id(k): k for k in map(load_public_key, args.key_file)}
+        threshold = args.threshold or len(trusted)
+    else:
+        try:
+            trusted = load_trusted_keys(config.trust_dir)
+        except ConfigError as e:  # most often a publisher's machine, which has no trust dir
+            raise ConfigError(f"{e}; on a publisher's machine give the public key: --key-file KEY.pub") from e
+        threshold = args.threshold or config.trust.threshold
     with tempfile.TemporaryDirectory(prefix="edge-runtime-verify-") as tmp:
-        staged = read_bundle(args.bundle, trusted=load_trusted_keys(config.trust_dir),
-                             threshold=config.trust.threshold, limits=config.limits, staging_root=Path(tmp))
+        staged = read_bundle(args.bundle, trusted=trusted, threshold=threshold, limits=config.limits,
+                             staging_root=Path(tmp))
     info = _summary(staged.manifest) | {"key_ids": list(staged.key_ids), "ok": True}
     emit(ctx, info, f"OK {staged.manifest.name} v{staged.manifest.version}: signatures by "
                     f"{', '.join(k[:16] for k in staged.key_ids)}; every file matches its sha256")
     return 0
+
+
+def _golden(ctx: Context, args: argparse.Namespace) -> int:
+    from .tools_cmd import write_golden
+
+    return write_golden(ctx, args)
 
 
 def _inspect(ctx: Context, args: argparse.Namespace) -> int:
@@ -162,8 +180,18 @@ def register(verbs: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
     p.set_defaults(handler=_pack)
 
+    p = verb_parser(sub, "golden", "write the .npz of a model's outputs on an input, for `pack --golden`")
+    from .tools_cmd import golden_parser  # here, not at the top: tools_cmd imports this module
+
+    golden_parser(p)
+    p.set_defaults(handler=_golden)
+
     p = verb_parser(sub, "verify", "check signatures, safety rules and every hash (installs nothing)")
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--key-file", type=Path, action="append", default=[], metavar="KEY.pub",
+                   help="trust this public key instead of the trust dir (repeat for more; each must have signed)")
+    p.add_argument("--threshold", type=int, default=0, metavar="K",
+                   help="signatures needed (default: every --key-file, else [trust] threshold)")
     p.set_defaults(handler=_verify)
 
     p = verb_parser(sub, "inspect", "show a bundle's manifest and signer key ids (not verified)")

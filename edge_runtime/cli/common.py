@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, load_config
-from ..errors import EdgeRuntimeError
+from ..config import DEFAULT_CONFIG_PATH, Config, load_config
+from ..errors import ConfigError, EdgeRuntimeError
 from ..model_store import ModelStore
+from ..typed_toml import load_toml
 
 __all__ = ["Context", "add_common_options", "emit", "report_errors", "verb_parser"]
 
@@ -64,6 +65,7 @@ class Context:
         if self._config is None:
             config = load_config(self.config_path)
             if self.state_dir is not None:
+                _refuse_two_state_dirs(self.config_path, config, self.state_dir.resolve())
                 config = config.replace(state_dir=self.state_dir.resolve())
             if self.trust_dir is not None:
                 config = config.replace(trust_dir=self.trust_dir.resolve())
@@ -76,6 +78,20 @@ class Context:
         if self._store is None:
             self._store = ModelStore(self.config)
         return self._store
+
+
+def _refuse_two_state_dirs(config_path: Path | None, config: Config, override: Path) -> None:
+    """A config file that names another state_dir than --state-dir is refused, not silently overridden:
+    the daemon (the systemd unit passes --state-dir) and a CLI run without the flag would use different caches.
+
+    Raises:
+        ConfigError: the file sets ``state_dir`` to a directory other than ``override``.
+    """
+    path = config_path or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    if path is None or config.state_dir.resolve() == override or "state_dir" not in load_toml(path):
+        return
+    raise ConfigError(f"--state-dir {override} conflicts with state_dir = \"{config.state_dir}\" in {path}: "
+                      "set the state dir in one place (the systemd unit passes --state-dir $STATE_DIRECTORY)")
 
 
 def report_errors(run: Callable[[], int]) -> int:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
 from ..errors import CacheError, EdgeRuntimeError
 from .common import Context, emit, verb_parser
 
@@ -54,7 +53,8 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _config_check(ctx: Context, args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    # The file as the verbs would read it, with --state-dir/--trust-dir (a conflicting state_dir is refused).
+    config = Context(args.file, ctx.state_dir, ctx.trust_dir, ctx.json).config
     emit(ctx, {"ok": True, "state_dir": str(config.state_dir), "trust_dir": str(config.trust_dir)},
          f"{args.file}: OK")
     return 0

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from ..backends import create_backend
@@ -28,7 +29,7 @@ from ..quantize import find_inputs, load_samples, quantize_onnx, require_quantiz
 from .bundle_cmd import SpecFile, load_spec
 from .common import Context, emit, verb_parser
 
-__all__ = ["register"]
+__all__ = ["register", "write_golden"]
 
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 # Preprocess flags -> Preprocess fields; a flag left out keeps the spec's value (or the default).
@@ -224,6 +225,35 @@ def _bench(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def write_golden(ctx: Context, args: argparse.Namespace) -> int:
+    """``bundle golden``: the model file's own outputs on INPUT, as the .npz that ``bundle pack --golden`` takes.
+
+    The input goes through the spec's ``[preprocess]`` exactly as on the device, so a device whose runtime
+    drifts from the publisher's (another version, a bad conversion) fails the golden gate before serving.
+
+    Raises:
+        ManifestError/InputError/ModelError: bad spec, unreadable input, or the model cannot run.
+    """
+    args.shape = None
+    args.input = args.golden_input
+    target = _file_target(args, 0, False)
+    try:
+        if len(target.backend.inputs) != 1:  # the others would be random: not a reproducible case
+            raise InputError(f"{args.model.name} has {len(target.backend.inputs)} inputs; a golden case "
+                             "from one INPUT needs a single-input model")
+        limits = ctx.config.limits
+        outputs = target.backend.infer(_feeds(target, args, limits.max_image_bytes, limits.max_image_pixels))
+    finally:
+        target.close()
+    with open(args.output, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+        savez: Callable[..., None] = np.savez  # its stubs read **outputs as the allow_pickle keyword
+        savez(fh, **outputs)
+    shapes = {k: list(v.shape) for k, v in outputs.items()}
+    emit(ctx, {"output": str(args.output), "outputs": shapes},
+         f"wrote {args.output}: {', '.join(f'{k}{v}' for k, v in shapes.items())}")
+    return 0
+
+
 def _table(target: _Target, threads: int, shapes: dict[str, list[int]], r: BenchResult) -> str:
     inputs = ", ".join(f"{k}{v}" for k, v in shapes.items())
     lines = [
@@ -248,6 +278,15 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"every dimension must be at least 1, got {text!r}")
     return dims
+
+
+def golden_parser(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``bundle golden`` (registered by bundle_cmd, run by :func:`write_golden`)."""
+    p.add_argument("--model", type=Path, required=True, help="model file (.onnx or .tflite)")
+    p.add_argument("--spec", type=Path, help="the SPEC.toml `bundle pack` takes (its [preprocess] feeds images)")
+    p.add_argument("golden_input", type=Path, metavar="INPUT", help="image (.jpg/.png) or .npy tensor")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".npz to write (one array per model output)")
+    _preprocess_flags(p)
 
 
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:

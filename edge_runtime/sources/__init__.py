@@ -59,6 +59,7 @@ class MqttInputs:
     subscribe: Callable[[str, Callable[[Any], None]], None]
     topic_base: str
     max_bytes: int
+    answer: Callable[[str | None, dict[str, Any], bytes], None] | None = None  # see mqtt_input.Answer
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def _mqtt(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Lim
         raise ConfigError(f"pipeline {ctx.pipeline!r}: source type 'mqtt' needs [mqtt] enabled = true")
     topic = config.topic or f"{ctx.mqtt.topic_base}/input/{ctx.pipeline}"
     return MqttInputSource(ctx, topic=topic, subscribe=ctx.mqtt.subscribe, max_bytes=ctx.mqtt.max_bytes,
-                           buffer=max(config.queue, 8))
+                           answer=ctx.mqtt.answer, buffer=max(config.queue, 8))
 
 
 def _none(config: SourceConfig, ctx: SourceContext, state_dir: Path, limits: Limits) -> Source:
