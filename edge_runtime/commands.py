@@ -24,8 +24,9 @@ once its handler has run.
     reload   {}                                  serve what the cache marks active (like SIGHUP)
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
-calls :func:`pinned_version`). Explicit ``update`` and ``rollback`` commands are
-operator decisions and still apply; the pinned version stays protected from gc.
+calls :func:`pinned_version`). ``rollback`` of a pinned model is refused, naming
+the pin (the pin wins: change it with ``pin``/``unpin``); an explicit ``update``
+still applies; the pinned version stays protected from gc.
 Settings changed by ``config`` last until the daemon restarts.
 """
 
@@ -177,22 +178,29 @@ class DeviceCommands:
                      data={"model": result.name, "version": result.version, "active": result.active})
 
     def rollback(self, command: Command) -> Reply:
-        """Serve ``version`` (default: the previous one) of ``model`` now.
+        """Serve ``version`` (default: the previous one) of ``model`` now; emits ``operator_rollback``.
+
+        A pinned model is refused: the pin is the operator's standing decision,
+        so it is changed with ``pin``/``unpin``, never overridden by a rollback.
 
         Raises:
-            CommandError: bad arguments or unknown model. CacheError, ModelError,
-                IntegrityError: nothing to roll back to, or it does not load.
+            CommandError: bad arguments, unknown model, or the model is pinned.
+            CacheError, ModelError, IntegrityError: nothing to roll back to, or it does not load.
         """
         args = _args(_RollbackArgs, command)
         cache = self._cache_with(args.model)
+        pinned = pinned_version(cache, args.model)
+        if pinned is not None:
+            raise CommandError(f"{args.model} is pinned to v{pinned}: unpin it first, or pin the version to serve")
         before = cache.active_version(args.model)
         target = self.activator.rollback(args.model, args.version, reason=f"operator rollback (command {command.id})")
         return Reply(True, f"{args.model} rolled back to v{target}",
-                     data={"model": args.model, "version": target, "from": before,
-                           "pinned": pinned_version(cache, args.model)})
+                     data={"model": args.model, "version": target, "from": before, "pinned": None})
 
     def pin(self, command: Command) -> Reply:
         """Serve ``version`` of ``model`` (switching if needed), keep it from gc, stop OTA updating it.
+
+        Emits ``pinned`` (``version``, ``previous``, ``switched``) once the pin is stored.
 
         Raises:
             CommandError: bad arguments, unknown model or version not cached.
@@ -203,10 +211,13 @@ class DeviceCommands:
         if args.version not in cache.versions(args.model):
             cached = ", ".join(f"v{v}" for v in cache.versions(args.model))
             raise CommandError(f"{args.model} v{args.version} is not in the cache (cached: {cached})")
-        switched = cache.active_version(args.model) != args.version
+        previous = cache.active_version(args.model)
+        switched = previous != args.version
         if switched:
-            self.activator.rollback(args.model, args.version, reason=f"operator pin (command {command.id})")
+            self.activator.rollback(args.model, args.version, kind=None)
         cache.pin(args.model, args.version)
+        self.activator.events.emit("pinned", model=args.model, version=args.version, previous=previous,
+                                   switched=switched, reason=f"operator pin (command {command.id})")
         return Reply(True, f"{args.model} pinned to v{args.version}" + (" (now serving)" if switched else ""),
                      data={"model": args.model, "version": args.version, "switched": switched})
 
@@ -216,6 +227,9 @@ class DeviceCommands:
         cache = self._cache_with(args.model)
         was = pinned_version(cache, args.model)
         cache.pin(args.model, None)
+        if was is not None:
+            self.activator.events.emit("unpinned", model=args.model, version=was,
+                                       reason=f"operator unpin (command {command.id})")
         message = f"{args.model} unpinned (was v{was})" if was is not None else f"{args.model} was not pinned"
         return Reply(True, message, data={"model": args.model, "was": was})
 
@@ -232,7 +246,7 @@ class DeviceCommands:
     def reload(self, command: Command) -> Reply:
         """Serve whatever the cache marks active (after a CLI change); reports the models that changed."""
         _args(_NoArgs, command)
-        changed = self.activator.sync()
+        changed = self.activator.sync(reason=f"reload command {command.id}")
         return Reply(True, f"reloaded: {', '.join(changed) or 'nothing changed'}", data={"changed": changed})
 
     def _cache_with(self, model: str) -> ModelCache:

@@ -88,6 +88,9 @@ class MqttBridge:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._result_times: dict[str, float] = {}
+        self._status_lock = threading.Lock()
+        self._status_versions: dict[str, int | None] | None = None  # what the retained status says
+        self._connects = 0
         daemon.events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,15 +141,29 @@ class MqttBridge:
     def _versions(self) -> dict[str, int | None]:
         return {name: slot.version for name, slot in sorted(self.daemon.service.slots.items())}
 
-    def _publish_status(self) -> None:
-        """Retained ``online`` status with the versions now serving (republished on every connect)."""
-        try:
-            self.link.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
-        except LinkError as e:
-            _log.warning("could not publish status: %s", e.one_line())
+    def _publish_status(self, reason: str) -> None:
+        """Retained ``online`` status with the versions now serving and why it is published."""
+        with self._status_lock:
+            versions = self._versions()
+            try:
+                self.link.publish(f"{self.base}/status", self._status_payload("online", reason), qos=1, retain=True)
+            except LinkError as e:
+                _log.warning("could not publish status: %s", e.one_line())
+                return
+            self._status_versions = versions
+
+    def _republish_if_changed(self) -> None:
+        """Fleet tools discover versions from the retained status: keep it equal to what serves.
+
+        Called after every event and every telemetry tick, so each path that
+        changes a version (OTA, rollback, pin, reload, SIGHUP, fallback) is covered.
+        """
+        if self.link.connected and self._versions() != self._status_versions:
+            self._publish_status("version change")
 
     def _on_connect(self) -> None:
-        self._publish_status()
+        self._connects += 1
+        self._publish_status("started" if self._connects == 1 else "reconnected")
         self.forwarder.wake()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -154,12 +171,12 @@ class MqttBridge:
         self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
                                                         sort_keys=True, default=str).encode())
         self.forwarder.wake()
-        if event.get("kind") in ("activated", "rolled_back", "committed") and self.link.connected:
-            self._publish_status()
+        self._republish_if_changed()
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
             try:
+                self._republish_if_changed()
                 self.publish_telemetry()
             except Exception:  # a telemetry bug must not stop the loop (and the watchdog)
                 _log.exception("telemetry failed")

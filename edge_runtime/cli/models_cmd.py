@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..errors import CacheError
 from ..gates import GateReport
 from .common import Context, emit, verb_parser
 
@@ -55,6 +56,9 @@ def _activate(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _rollback(ctx: Context, args: argparse.Namespace) -> int:
+    pinned = ctx.store.cache.state.load().model(args.name).pinned
+    if pinned is not None:  # the same precedence as the MQTT rollback command: the pin wins
+        raise CacheError(f"{args.name} is pinned to v{pinned}: unpin it first, or pin the version to serve")
     version = ctx.store.cache.rollback(args.name, args.to)
     emit(ctx, {"name": args.name, "active": version}, f"{args.name} rolled back to v{version}")
     return 0
