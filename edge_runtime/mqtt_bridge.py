@@ -33,7 +33,7 @@ from .command_auth import CommandAuth
 from .command_ledger import CommandLedger
 from .commands import MODEL_VERBS, SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
 from .config import Config
-from .errors import LinkError
+from .errors import EdgeRuntimeError, LinkError
 from .forwarder import Forwarder
 from .mqtt_link import Message, MqttLink
 from .signing import load_trusted_keys
@@ -168,27 +168,47 @@ class MqttBridge:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         topic = f"{self.base}/events"
-        self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
-                                                        sort_keys=True, default=str).encode())
+        try:
+            self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
+                                                            sort_keys=True, default=str).encode())
+        except EdgeRuntimeError:
+            pass  # not stored: the spool counted its seq as dropped and logged why
+        else:
+            self._report_lost()
         self.forwarder.wake()
         self._republish_if_changed()
+
+    def _report_lost(self) -> None:
+        """Once the spool stores again, say which seqs it could not store (telemetry lists them too)."""
+        lost = self.spool.take_lost()
+        if lost:
+            why = "; ".join(sorted({w for _, _, w in lost}))
+            self.daemon.events.emit("messages_dropped", count=sum(b - a + 1 for a, b, _ in lost),
+                                    ranges=[[a, b] for a, b, _ in lost],
+                                    reason=f"the spool could not store them: {why}")
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
             try:
                 self._republish_if_changed()
                 self.publish_telemetry()
+            except EdgeRuntimeError:
+                pass  # not stored: the spool counted its seq as dropped and logged why
             except Exception:  # a telemetry bug must not stop the loop (and the watchdog)
                 _log.exception("telemetry failed")
 
     def publish_telemetry(self) -> int:
-        """Spool one telemetry message now; returns its seq."""
+        """Spool one telemetry message now; returns its seq.
+
+        Raises EdgeRuntimeError: the spool could not store it (its seq is counted as dropped).
+        """
         snapshot = self.daemon.metrics.snapshot()
         stats = self.stats.sample()
-        spool_info = {"pending": self.spool.pending, "dropped": self.spool.dropped}
+        spool_info = self.spool.stats()
         seq = self.spool.append(f"{self.base}/telemetry", lambda s: build_telemetry(
             s, device=self.device, metrics_snapshot=snapshot, models=self._versions(), stats=stats,
             spool=spool_info))
+        self._report_lost()
         self.forwarder.wake()
         return seq
 

@@ -28,16 +28,26 @@ def _retained_version(broker: Broker, version: int, what: str) -> dict[str, Any]
     return wait_for(lambda: (s := _status(broker)).get("versions") == {MODEL: version} and s, 20, what)
 
 
-def test_retained_status_follows_cli_rollback_with_sighup_and_reload(device: Serve, broker: Broker) -> None:  # noqa: F811
+def test_online_status_says_why_it_was_published(device: Serve, broker: Broker) -> None:  # noqa: F811
     first = _retained_version(broker, 2, "the first online status")
-    assert first["state"] == "online" and first["reason"] == "started"
+    assert first["state"] == "online" and first.get("reason") == "started", first
+    # The broker restarts without persistence: the retained status it serves now is the device's republish.
+    broker.kill()
+    broker.start()
+    again = wait_for(lambda: (s := _status(broker)).get("reason") == "reconnected" and s, 30,
+                     "the online status republished with reason reconnected")
+    assert again["state"] == "online" and again["versions"] == {MODEL: 2}, again
+
+
+def test_retained_status_follows_cli_rollback_with_sighup_and_reload(device: Serve, broker: Broker) -> None:  # noqa: F811
+    _retained_version(broker, 2, "the first online status")
     # CLI rollback + SIGHUP (systemctl reload): the retained status must follow, not wait for an OTA.
     cli("models", "rollback", MODEL, "--config", device.config)
     assert device.proc is not None
     device.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: device.served_version() == 1, 20, "v1 serving after SIGHUP")
     after = _retained_version(broker, 1, "retained status v1 after SIGHUP")
-    assert after["reason"] == "version change"
+    assert after.get("reason") == "version change", after
     # CLI activate + the MQTT reload command.
     cli("models", "activate", MODEL, "2", "--config", device.config)
     op = Operator(broker)
@@ -82,3 +92,23 @@ def test_rollback_of_a_pinned_model_is_refused_naming_the_pin(device: Serve, bro
     assert [(e["version"], e["previous"]) for e in rollbacks] == [(2, 1)], rollbacks
     assert all("failed_version" not in e for e in pinned + rollbacks)
     assert not device.events("rolled_back"), "no automatic fallback happened"
+
+
+def test_operator_changes_are_not_reported_as_failures(device: Serve, broker: Broker) -> None:  # noqa: F811
+    # The automatic side (rolled_back with failed_version) is checked through the real daemon by
+    # test_daemon.py::test_crash_loop_during_probation_reverts.
+    op = Operator(broker)
+    try:
+        back = op.command("rollback", {"model": MODEL, "version": 1})
+        assert back["ok"] and back["data"]["version"] == 1, back
+        pin = op.command("pin", {"model": MODEL, "version": 2})  # a pin to the newer version
+        assert pin["ok"] and pin["data"]["switched"], pin
+        _retained_version(broker, 2, "retained status v2 after the pin")
+    finally:
+        op.close()
+    rollbacks = wait_for(lambda: device.events("operator_rollback"), 10, "an operator_rollback event")
+    assert [(e["version"], e["previous"]) for e in rollbacks] == [(1, 2)], rollbacks
+    pinned = wait_for(lambda: device.events("pinned"), 10, "a pinned event")
+    assert [(e["version"], e["previous"], e["switched"]) for e in pinned] == [(2, 1, True)], pinned
+    assert all("failed_version" not in e for e in rollbacks + pinned), rollbacks + pinned
+    assert not device.events("rolled_back"), "an operator's rollback and pin are not automatic fallbacks"
