@@ -25,8 +25,8 @@ once its handler has run.
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
 calls :func:`pinned_version`). ``rollback`` of a pinned model is refused, naming
-the pin (the pin wins: change it with ``pin``/``unpin``); an explicit ``update``
-still applies; the pinned version stays protected from gc.
+the pin, and an explicit ``update`` installs without activating (the pin wins:
+change it with ``pin``/``unpin``); the pinned version stays protected from gc.
 Settings changed by ``config`` last until the daemon restarts.
 """
 
@@ -78,6 +78,21 @@ def pinned_version(cache: ModelCache, name: str) -> int | None:
     Raises CacheError: the state file is corrupt.
     """
     return cache.state.load().model(name).pinned
+
+
+def pin_refusal(cache: ModelCache, name: str, serving: int | None = None) -> str | None:
+    """Why serving ``serving`` of ``name`` (None: whichever a rollback picks) is refused, or None when it is not.
+
+    The pin wins over a rollback or an activation: it is the operator's standing
+    decision, changed only with ``pin``/``unpin``, so ``status``, ``models list``
+    and the events never show a pin the device does not serve.
+
+    Raises CacheError: the state file is corrupt.
+    """
+    pinned = pinned_version(cache, name)
+    if pinned is None or pinned == serving:
+        return None
+    return f"{name} is pinned to v{pinned}: unpin it first, or pin the version to serve"
 
 
 # ---------------------------------------------------------------------- handler arguments
@@ -165,7 +180,7 @@ class DeviceCommands:
         return Reply(True, "status", data={**self._status(), "settings": self.settings.snapshot()})
 
     def update(self, command: Command) -> Reply:
-        """Download, verify, install and activate the bundle at ``url``.
+        """Download, verify, install and activate the bundle at ``url`` (only install it when the model is pinned).
 
         Raises:
             CommandError: bad arguments. FetchError, BundleError, GateError,
@@ -174,6 +189,8 @@ class DeviceCommands:
         args = _args(_UpdateArgs, command)
         result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
         state = "active (on probation)" if result.active else "installed, not active"
+        if (refused := pin_refusal(self.ota.store.cache, result.name, result.version)) is not None:
+            state += f" ({refused})"
         return Reply(True, f"{result.name} v{result.version} {state}",
                      data={"model": result.name, "version": result.version, "active": result.active})
 
@@ -189,9 +206,9 @@ class DeviceCommands:
         """
         args = _args(_RollbackArgs, command)
         cache = self._cache_with(args.model)
-        pinned = pinned_version(cache, args.model)
-        if pinned is not None:
-            raise CommandError(f"{args.model} is pinned to v{pinned}: unpin it first, or pin the version to serve")
+        refused = pin_refusal(cache, args.model, args.version)
+        if refused is not None:
+            raise CommandError(refused)
         before = cache.active_version(args.model)
         target = self.activator.rollback(args.model, args.version, reason=f"operator rollback (command {command.id})")
         return Reply(True, f"{args.model} rolled back to v{target}",

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_helpers import cli
-from daemon_helpers import Serve, wait_for
+from daemon_helpers import Serve, pack_onnx, wait_for, write_config
 from mqtt_broker import Broker, mosquitto_binary
-from test_mqtt_daemon import DEVICE, Operator, _retained, broker, device  # noqa: F401 - fixtures
+from test_mqtt_daemon import DEVICE, TOP, Operator, _retained, broker, device, mqtt_config  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 MODEL = "ppocr-cls"
+Zoo = Callable[[str], Path]
 
 
 def _status(broker: Broker) -> dict[str, Any]:  # noqa: F811
@@ -112,3 +115,34 @@ def test_operator_changes_are_not_reported_as_failures(device: Serve, broker: Br
     assert [(e["version"], e["previous"], e["switched"]) for e in pinned] == [(2, 1, True)], pinned
     assert all("failed_version" not in e for e in rollbacks + pinned), rollbacks + pinned
     assert not device.events("rolled_back"), "an operator's rollback and pin are not automatic fallbacks"
+
+
+def test_update_of_a_pinned_model_installs_without_activating(tmp_path: Path, keys: dict[str, Path], zoo: Zoo,
+                                                               broker: Broker) -> None:  # noqa: F811
+    from http_fault_server import FaultServer, Route
+
+    extra = mqtt_config(broker) + "[ota]\nallow_http = true\nretries = 0\n"
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"], extra=extra, top=TOP)
+    cli("models", "install", pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path),
+        "--config", config)
+    v2 = pack_onnx(tmp_path / "v2.bundle", zoo("ppocr_cls"), 2, keys["a"], tmp_path).read_bytes()
+    serve = Serve(config, state, port).start()
+    op = Operator(broker)
+    try:
+        serve.wait_ready()
+        assert op.command("pin", {"model": MODEL, "version": 1})["ok"]
+        with FaultServer({"/v2.bundle": Route(body=v2)}) as server:
+            update = op.command("update", {"url": server.url("/v2.bundle")}, timeout=60.0)
+        assert update["ok"] and update["data"]["active"] is False, update
+        assert "pinned to v1" in update["message"], update
+        assert serve.served_version() == 1
+        listed = json.loads(cli("models", "list", "--json", "--config", config).stdout)
+        assert [(m["active"], m["pinned"]) for m in listed] == [(1, 1)], listed
+        refused = cli("models", "activate", MODEL, "2", "--config", config, check=False)
+        assert refused.returncode != 0 and "pinned to v1" in refused.stderr, refused
+        assert op.command("status")["data"]["versions"] == {MODEL: 1}
+        assert _status(broker).get("versions") == {MODEL: 1}
+    finally:
+        op.close()
+        serve.kill9()
+    assert not serve.events("activated") and serve.events("update_installed")
