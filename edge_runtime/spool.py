@@ -5,7 +5,7 @@ broker. Every message gets the next value of one sequence number shared by all
 topics; ``append`` hands it to a ``build(seq)`` callback so the payload can carry
 its own ``seq``. Sequence numbers are never reused: sqlite's AUTOINCREMENT keeps
 the highest one ever assigned even after its row is deleted, and a small sidecar
-file ``<name>.seq`` holds a floor above every assigned seq so that a database
+file ``<name>.seq`` (:mod:`edge_runtime.spool_floor`) holds a floor above every assigned seq so that a database
 that had to be thrown away (corruption) does not restart numbering at 1, which
 would make subscribers that drop duplicates by seq discard fresh messages.
 
@@ -50,14 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeRuntimeError, InputError
-from .fsutil import atomic_write, make_private_dir
+from .fsutil import make_private_dir
 from .spool_file import connect, identity, is_corrupt, move_aside, prepare, rescue, salvage, set_last_seq, transaction
+from .spool_floor import SEQ_RESERVE, SeqFloor
 from .spool_loss import LossLog, Lost
 
 __all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
 
 MAX_DROPPED_RANGES = 32
-SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 4096 appends
 _VACUUM_PAGES = 256
 _log = logging.getLogger(__name__)
 
@@ -98,11 +98,9 @@ class Spool:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._synchronous = synchronous
-        self._floor_path = path.with_name(path.name + ".seq")
         self._lock = threading.Lock()
         self._count = self._bytes = self._dropped = 0
         self._next_seq = 1
-        self._floor = 0
         self._last_range: tuple[int, int] | None = None
         self._conn: sqlite3.Connection | None = None
         self._ident: tuple[int, int] | None = None
@@ -112,9 +110,7 @@ class Spool:
             make_private_dir(path.parent)
         except OSError as e:
             raise EdgeRuntimeError(f"spool directory {path.parent}: {e.strerror or e}") from e
-        for stale in path.parent.glob(f".{self._floor_path.name}.*.tmp"):  # a kill -9 during a floor write
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        self._floor = SeqFloor(path)
         with self._lock:
             self._open()
 
@@ -221,8 +217,7 @@ class Spool:
         size = len(payload) + len(topic.encode())
         saved: Callable[[], None] = _nothing
         try:
-            if seq >= self._floor:
-                self._raise_floor(seq + SEQ_RESERVE)
+            self._floor.reserve(seq)
             with transaction(conn):
                 saved = self._loss.save(lambda first, last, n: self._record_drop(conn, first, last, n))
                 if size > self.max_bytes:
@@ -241,7 +236,7 @@ class Spool:
                 self._lose(seq, topic, failed)
                 raise
         except OSError as e:
-            floor_failed = EdgeRuntimeError(f"spool seq floor {self._floor_path}: {e.strerror or e}")
+            floor_failed = EdgeRuntimeError(f"spool seq floor {self._floor.path}: {e.strerror or e}")
             self._lose(seq, topic, floor_failed)
             raise floor_failed from e
         saved()
@@ -357,7 +352,7 @@ class Spool:
     # ------------------------------------------------------------------ open / recover
 
     def _open(self) -> None:
-        self._floor = self._read_floor()
+        self._floor.load()
         self._open_file()
 
     def _open_file(self) -> None:
@@ -392,7 +387,7 @@ class Spool:
         self._last_range = None if last is None else (int(last[0]), int(last[1]))
         # The floor is a reservation ahead of use: only a database that lost its history
         # starts there (a gap subscribers can see), a healthy one continues exactly.
-        self._next_seq = max(self._lost_seq + 1, int(row[0]) + 1 if row else max(1, self._floor))
+        self._next_seq = max(self._lost_seq + 1, int(row[0]) + 1 if row else max(1, self._floor.value))
 
     def _salvage(self) -> tuple[int, tuple[int, int] | None]:
         """Best effort on a corrupt file: how many messages it held and their seq range."""
@@ -407,13 +402,13 @@ class Spool:
         _log.warning("spool %s is unusable (%s): moved aside to %s and recreated; %d messages lost",
                      self.path, " ".join(reason.split()), aside.name, lost)
         dropped = self._dropped + lost
-        self._floor = max(self._floor, self._read_floor())
+        self._floor.load()
         conn = self._conn = connect(self.path)
         self._ident = identity(self.path)
         problem = self._check(conn)
         if problem is not None:
             raise EdgeRuntimeError(f"spool {self.path}: a fresh database is unusable: {problem}")
-        start = next_seq if next_seq is not None else max(self._floor, 1)
+        start = next_seq if next_seq is not None else max(self._floor.value, 1)
         with transaction(conn):
             conn.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (dropped,))
             if span is not None:
@@ -427,16 +422,3 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-
-    def _read_floor(self) -> int:
-        try:
-            return int(self._floor_path.read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as e:
-            _log.warning("spool seq floor %s unreadable (%s): relying on the database", self._floor_path, e)
-            return 0
-
-    def _raise_floor(self, value: int) -> None:
-        atomic_write(self._floor_path, f"{value}\n".encode())
-        self._floor = value
