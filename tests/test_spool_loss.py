@@ -67,6 +67,13 @@ def fill(fs: Path) -> Path:
     return filler
 
 
+def test_fill_refuses_anything_but_a_small_mounted_file_system(tmp_path: Path) -> None:
+    # The helper's own guard: a tmpfs unmounted under a test once made it fill the real disk.
+    with pytest.raises(AssertionError, match="refusing to fill"):
+        fill(tmp_path)
+    assert not (tmp_path / "filler").exists()
+
+
 def covered(spool: Spool) -> set[int]:
     seqs = {m.seq for m in spool.peek(100_000)}
     for first, last in spool.dropped_ranges():
