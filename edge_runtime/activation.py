@@ -148,22 +148,34 @@ class Activator:
                              reason=f"{reason}; gates passed ({gates})")
             self._start_probe(name, version, previous, baseline)
 
-    def sync(self) -> list[str]:
-        """Serve whatever the cache marks active (after a CLI change or a reload command)."""
+    def sync(self, *, reason: str = "SIGHUP") -> list[str]:
+        """Serve whatever the cache marks active (after a CLI change or a reload command).
+
+        Each model that changed version emits ``reloaded`` (an operator change:
+        ``version``, ``previous``); one that does not load emits ``load_failed``.
+        """
         changed = []
         for name in self.cache.names():
             active = self.cache.active_version(name)
-            if active is not None and self.service.add_slot(name).version != active:
+            previous = self.service.add_slot(name).version
+            if active is not None and previous != active:
                 with self._lock(name):
                     try:
                         self._load_and_swap(name, active)
-                        changed.append(name)
                     except EdgeRuntimeError as e:
                         self.events.emit("load_failed", model=name, version=active, reason=e.one_line())
+                        continue
+                changed.append(name)
+                self.events.emit("reloaded", model=name, version=active, previous=previous,
+                                 reason=f"{reason}: the cache marks v{active} active")
         return changed
 
-    def rollback(self, name: str, version: int | None = None, *, reason: str = "operator rollback") -> int:
-        """Serve ``version`` (default: the previous one) now, ending any probation.
+    def rollback(self, name: str, version: int | None = None, *, reason: str = "operator rollback",
+                 kind: str | None = "operator_rollback") -> int:
+        """Serve ``version`` (default: the previous one) now, ending any probation: an operator's choice.
+
+        Emits ``kind`` (``version``, ``previous``; no ``failed_version``: nothing
+        failed) unless ``kind`` is None (the caller reports the change itself).
 
         Raises:
             CacheError: nothing to roll back to. ModelError/IntegrityError: it does not load.
@@ -175,7 +187,8 @@ class Activator:
                 raise CacheError(f"model {name!r} has no previous version to roll back to")
             self._load_and_swap(name, target, link=True)
             self._end_probe(name)
-            self.events.emit("rolled_back", model=name, version=target, failed_version=current, reason=reason)
+            if kind is not None:
+                self.events.emit(kind, model=name, version=target, previous=current, reason=reason)
             return target
 
     # ------------------------------------------------------------------ probation

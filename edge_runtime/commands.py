@@ -24,8 +24,9 @@ once its handler has run.
     reload   {}                                  serve what the cache marks active (like SIGHUP)
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
-calls :func:`pinned_version`). Explicit ``update`` and ``rollback`` commands are
-operator decisions and still apply; the pinned version stays protected from gc.
+calls :func:`pinned_version`). ``rollback`` of a pinned model is refused, naming
+the pin, and an explicit ``update`` installs without activating (the pin wins:
+change it with ``pin``/``unpin``); the pinned version stays protected from gc.
 Settings changed by ``config`` last until the daemon restarts.
 """
 
@@ -77,6 +78,21 @@ def pinned_version(cache: ModelCache, name: str) -> int | None:
     Raises CacheError: the state file is corrupt.
     """
     return cache.state.load().model(name).pinned
+
+
+def pin_refusal(cache: ModelCache, name: str, serving: int | None = None) -> str | None:
+    """Why serving ``serving`` of ``name`` (None: whichever a rollback picks) is refused, or None when it is not.
+
+    The pin wins over a rollback or an activation: it is the operator's standing
+    decision, changed only with ``pin``/``unpin``, so ``status``, ``models list``
+    and the events never show a pin the device does not serve.
+
+    Raises CacheError: the state file is corrupt.
+    """
+    pinned = pinned_version(cache, name)
+    if pinned is None or pinned == serving:
+        return None
+    return f"{name} is pinned to v{pinned}: unpin it first, or pin the version to serve"
 
 
 # ---------------------------------------------------------------------- handler arguments
@@ -164,7 +180,7 @@ class DeviceCommands:
         return Reply(True, "status", data={**self._status(), "settings": self.settings.snapshot()})
 
     def update(self, command: Command) -> Reply:
-        """Download, verify, install and activate the bundle at ``url``.
+        """Download, verify, install and activate the bundle at ``url`` (only install it when the model is pinned).
 
         Raises:
             CommandError: bad arguments. FetchError, BundleError, GateError,
@@ -173,26 +189,35 @@ class DeviceCommands:
         args = _args(_UpdateArgs, command)
         result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
         state = "active (on probation)" if result.active else "installed, not active"
+        if (refused := pin_refusal(self.ota.store.cache, result.name, result.version)) is not None:
+            state += f" ({refused})"
         return Reply(True, f"{result.name} v{result.version} {state}",
                      data={"model": result.name, "version": result.version, "active": result.active})
 
     def rollback(self, command: Command) -> Reply:
-        """Serve ``version`` (default: the previous one) of ``model`` now.
+        """Serve ``version`` (default: the previous one) of ``model`` now; emits ``operator_rollback``.
+
+        A pinned model is refused: the pin is the operator's standing decision,
+        so it is changed with ``pin``/``unpin``, never overridden by a rollback.
 
         Raises:
-            CommandError: bad arguments or unknown model. CacheError, ModelError,
-                IntegrityError: nothing to roll back to, or it does not load.
+            CommandError: bad arguments, unknown model, or the model is pinned.
+            CacheError, ModelError, IntegrityError: nothing to roll back to, or it does not load.
         """
         args = _args(_RollbackArgs, command)
         cache = self._cache_with(args.model)
+        refused = pin_refusal(cache, args.model, args.version)
+        if refused is not None:
+            raise CommandError(refused)
         before = cache.active_version(args.model)
         target = self.activator.rollback(args.model, args.version, reason=f"operator rollback (command {command.id})")
         return Reply(True, f"{args.model} rolled back to v{target}",
-                     data={"model": args.model, "version": target, "from": before,
-                           "pinned": pinned_version(cache, args.model)})
+                     data={"model": args.model, "version": target, "from": before, "pinned": None})
 
     def pin(self, command: Command) -> Reply:
         """Serve ``version`` of ``model`` (switching if needed), keep it from gc, stop OTA updating it.
+
+        Emits ``pinned`` (``version``, ``previous``, ``switched``) once the pin is stored.
 
         Raises:
             CommandError: bad arguments, unknown model or version not cached.
@@ -203,10 +228,13 @@ class DeviceCommands:
         if args.version not in cache.versions(args.model):
             cached = ", ".join(f"v{v}" for v in cache.versions(args.model))
             raise CommandError(f"{args.model} v{args.version} is not in the cache (cached: {cached})")
-        switched = cache.active_version(args.model) != args.version
+        previous = cache.active_version(args.model)
+        switched = previous != args.version
         if switched:
-            self.activator.rollback(args.model, args.version, reason=f"operator pin (command {command.id})")
+            self.activator.rollback(args.model, args.version, kind=None)
         cache.pin(args.model, args.version)
+        self.activator.events.emit("pinned", model=args.model, version=args.version, previous=previous,
+                                   switched=switched, reason=f"operator pin (command {command.id})")
         return Reply(True, f"{args.model} pinned to v{args.version}" + (" (now serving)" if switched else ""),
                      data={"model": args.model, "version": args.version, "switched": switched})
 
@@ -216,6 +244,9 @@ class DeviceCommands:
         cache = self._cache_with(args.model)
         was = pinned_version(cache, args.model)
         cache.pin(args.model, None)
+        if was is not None:
+            self.activator.events.emit("unpinned", model=args.model, version=was,
+                                       reason=f"operator unpin (command {command.id})")
         message = f"{args.model} unpinned (was v{was})" if was is not None else f"{args.model} was not pinned"
         return Reply(True, message, data={"model": args.model, "was": was})
 
@@ -232,7 +263,7 @@ class DeviceCommands:
     def reload(self, command: Command) -> Reply:
         """Serve whatever the cache marks active (after a CLI change); reports the models that changed."""
         _args(_NoArgs, command)
-        changed = self.activator.sync()
+        changed = self.activator.sync(reason=f"reload command {command.id}")
         return Reply(True, f"reloaded: {', '.join(changed) or 'nothing changed'}", data={"changed": changed})
 
     def _cache_with(self, model: str) -> ModelCache:

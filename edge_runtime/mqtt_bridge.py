@@ -33,7 +33,7 @@ from .command_auth import CommandAuth
 from .command_ledger import CommandLedger
 from .commands import MODEL_VERBS, SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
 from .config import Config
-from .errors import LinkError
+from .errors import EdgeRuntimeError, LinkError
 from .forwarder import Forwarder
 from .mqtt_link import Message, MqttLink
 from .signing import load_trusted_keys
@@ -88,6 +88,9 @@ class MqttBridge:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._result_times: dict[str, float] = {}
+        self._status_lock = threading.Lock()
+        self._status_versions: dict[str, int | None] | None = None  # what the retained status says
+        self._connects = 0
         daemon.events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,40 +141,74 @@ class MqttBridge:
     def _versions(self) -> dict[str, int | None]:
         return {name: slot.version for name, slot in sorted(self.daemon.service.slots.items())}
 
-    def _publish_status(self) -> None:
-        """Retained ``online`` status with the versions now serving (republished on every connect)."""
-        try:
-            self.link.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
-        except LinkError as e:
-            _log.warning("could not publish status: %s", e.one_line())
+    def _publish_status(self, reason: str) -> None:
+        """Retained ``online`` status with the versions now serving and why it is published."""
+        with self._status_lock:
+            versions = self._versions()
+            try:
+                self.link.publish(f"{self.base}/status", self._status_payload("online", reason), qos=1, retain=True)
+            except LinkError as e:
+                _log.warning("could not publish status: %s", e.one_line())
+                return
+            self._status_versions = versions
+
+    def _republish_if_changed(self) -> None:
+        """Fleet tools discover versions from the retained status: keep it equal to what serves.
+
+        Called after every event and every telemetry tick, so each path that
+        changes a version (OTA, rollback, pin, reload, SIGHUP, fallback) is covered.
+        """
+        if self.link.connected and self._versions() != self._status_versions:
+            self._publish_status("version change")
 
     def _on_connect(self) -> None:
-        self._publish_status()
+        self._connects += 1
+        self._publish_status("started" if self._connects == 1 else "reconnected")
         self.forwarder.wake()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         topic = f"{self.base}/events"
-        self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
-                                                        sort_keys=True, default=str).encode())
+        try:
+            self.spool.append(topic, lambda seq: json.dumps({**event, "seq": seq, "device": self.device},
+                                                            sort_keys=True, default=str).encode())
+        except EdgeRuntimeError:
+            pass  # not stored: the spool counted its seq as dropped and logged why
+        else:
+            self._report_lost()
         self.forwarder.wake()
-        if event.get("kind") in ("activated", "rolled_back", "committed") and self.link.connected:
-            self._publish_status()
+        self._republish_if_changed()
+
+    def _report_lost(self) -> None:
+        """Once the spool stores again, say which seqs it could not store (telemetry lists them too)."""
+        lost = self.spool.take_lost()
+        if lost:
+            why = "; ".join(sorted({w for _, _, w in lost}))
+            self.daemon.events.emit("messages_dropped", count=sum(b - a + 1 for a, b, _ in lost),
+                                    ranges=[[a, b] for a, b, _ in lost],
+                                    reason=f"the spool could not store them: {why}")
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
             try:
+                self._republish_if_changed()
                 self.publish_telemetry()
+            except EdgeRuntimeError:
+                pass  # not stored: the spool counted its seq as dropped and logged why
             except Exception:  # a telemetry bug must not stop the loop (and the watchdog)
                 _log.exception("telemetry failed")
 
     def publish_telemetry(self) -> int:
-        """Spool one telemetry message now; returns its seq."""
+        """Spool one telemetry message now; returns its seq.
+
+        Raises EdgeRuntimeError: the spool could not store it (its seq is counted as dropped).
+        """
         snapshot = self.daemon.metrics.snapshot()
         stats = self.stats.sample()
-        spool_info = {"pending": self.spool.pending, "dropped": self.spool.dropped}
+        spool_info = self.spool.stats()
         seq = self.spool.append(f"{self.base}/telemetry", lambda s: build_telemetry(
             s, device=self.device, metrics_snapshot=snapshot, models=self._versions(), stats=stats,
             spool=spool_info))
+        self._report_lost()
         self.forwarder.wake()
         return seq
 

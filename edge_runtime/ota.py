@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .activation import Activator
 from .channel import parse_channel
-from .commands import pinned_version
+from .commands import pin_refusal, pinned_version
 from .config import OtaConfig
 from .errors import EdgeRuntimeError, FetchError
 from .events import EventBus
@@ -134,7 +134,7 @@ class OtaUpdater:
 
     def update_from_url(self, url: str, *, expected_sha256: str | None = None,
                         expected_size: int | None = None) -> UpdateResult:
-        """Download, verify, install and activate the bundle at ``url``.
+        """Download, verify, install and activate the bundle at ``url``; a pinned model is only installed.
 
         Raises:
             FetchError, BundleError, GateError, ModelError: nothing changed, or
@@ -153,7 +153,8 @@ class OtaUpdater:
                 name, version = result.manifest.name, result.manifest.version
                 self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
                 dest.unlink(missing_ok=True)
-                self.activator.activate(name, version, reason=f"OTA update from {where}")
+                if pin_refusal(cache, name, version) is None:  # a pinned model only gets the version installed
+                    self.activator.activate(name, version, reason=f"OTA update from {where}")
             except EdgeRuntimeError as e:
                 if not isinstance(e, FetchError):  # the fetcher keeps a resumable partial
                     dest.unlink(missing_ok=True)

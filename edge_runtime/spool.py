@@ -5,7 +5,7 @@ broker. Every message gets the next value of one sequence number shared by all
 topics; ``append`` hands it to a ``build(seq)`` callback so the payload can carry
 its own ``seq``. Sequence numbers are never reused: sqlite's AUTOINCREMENT keeps
 the highest one ever assigned even after its row is deleted, and a small sidecar
-file ``<name>.seq`` holds a floor above every assigned seq so that a database
+file ``<name>.seq`` (:mod:`edge_runtime.spool_floor`) holds a floor above every assigned seq so that a database
 that had to be thrown away (corruption) does not restart numbering at 1, which
 would make subscribers that drop duplicates by seq discard fresh messages.
 
@@ -25,8 +25,14 @@ gone for good.
 
 A database that sqlite reports as corrupt (at open or later) is moved aside as
 ``<name>.corrupt-<unix time>`` with a logged warning and recreated; the messages
-it held are counted as dropped when they can be counted. Other failures (disk
-full, I/O error, a locked file) raise :class:`EdgeRuntimeError`.
+it held are counted as dropped when they can be counted. A file deleted or
+replaced while open is noticed at the next append: the open connection still
+reads the old one, so it is copied into a new file at ``path`` (recreated and
+counted, like corruption, if the copy fails). Other failures (disk full, I/O
+error, a locked file) raise :class:`EdgeRuntimeError`; an append that fails so
+still uses up its seq, which is counted as dropped at once (in memory, see
+:mod:`edge_runtime.spool_loss`, and in the file with the next append that works):
+every seq is either stored or counted.
 
 One ``Spool`` per file per process: counts are cached in memory. All methods
 are thread-safe (one connection behind a lock).
@@ -44,13 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeRuntimeError, InputError
-from .fsutil import atomic_write, make_private_dir
-from .spool_file import connect, is_corrupt, move_aside, prepare, salvage, set_last_seq, transaction
+from .fsutil import make_private_dir
+from .spool_file import connect, identity, is_corrupt, move_aside, prepare, rescue, salvage, set_last_seq, transaction
+from .spool_floor import SEQ_RESERVE, SeqFloor
+from .spool_loss import LossLog, Lost
 
 __all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
 
 MAX_DROPPED_RANGES = 32
-SEQ_RESERVE = 4096  # seqs reserved per sidecar write: one fsync'd rename per 4096 appends
 _VACUUM_PAGES = 256
 _log = logging.getLogger(__name__)
 
@@ -63,6 +70,10 @@ class Spooled:
     topic: str
     payload: bytes
     qos: int
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Corrupt(Exception):
@@ -87,20 +98,19 @@ class Spool:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._synchronous = synchronous
-        self._floor_path = path.with_name(path.name + ".seq")
         self._lock = threading.Lock()
         self._count = self._bytes = self._dropped = 0
         self._next_seq = 1
-        self._floor = 0
         self._last_range: tuple[int, int] | None = None
         self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._loss = LossLog()
+        self._lost_seq = 0
         try:
             make_private_dir(path.parent)
         except OSError as e:
             raise EdgeRuntimeError(f"spool directory {path.parent}: {e.strerror or e}") from e
-        for stale in path.parent.glob(f".{self._floor_path.name}.*.tmp"):  # a kill -9 during a floor write
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        self._floor = SeqFloor(path)
         with self._lock:
             self._open()
 
@@ -125,7 +135,15 @@ class Spool:
         """Inclusive seq ranges of dropped messages, oldest first (the latest ``MAX_DROPPED_RANGES``)."""
         with self._lock:
             rows = self._run(lambda c: c.execute("SELECT first, last FROM dropped_ranges ORDER BY first").fetchall())
-        return [(int(a), int(b)) for a, b in rows or ()]
+            ranges = sorted({(int(a), int(b)) for a, b in rows or ()} | set(self._loss.ranges()))
+        return ranges[-MAX_DROPPED_RANGES:]
+
+    def take_lost(self) -> list[Lost]:
+        """Ranges of seqs that failed to store and are now recorded in the file; each handed out once.
+
+        The daemon publishes them as an event once the spool works again.
+        """
+        return self._loss.take_saved()
 
     def stats(self) -> dict[str, Any]:
         """Counters for telemetry: pending, pending_bytes, dropped, dropped_ranges, next_seq."""
@@ -148,6 +166,7 @@ class Spool:
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
         with self._lock:
+            self._check_file()
             try:
                 return self._append(topic, build, qos)
             except _Corrupt:
@@ -196,10 +215,11 @@ class Spool:
         seq = self._next_seq
         payload = build(seq)
         size = len(payload) + len(topic.encode())
+        saved: Callable[[], None] = _nothing
         try:
-            if seq >= self._floor:
-                self._raise_floor(seq + SEQ_RESERVE)
+            self._floor.reserve(seq)
             with transaction(conn):
+                saved = self._loss.save(lambda first, last, n: self._record_drop(conn, first, last, n))
                 if size > self.max_bytes:
                     # Consume the seq and explain it: subscribers find it in dropped_ranges.
                     set_last_seq(conn, seq)
@@ -210,9 +230,16 @@ class Spool:
                                  (seq, topic, qos, payload, size))
         except sqlite3.DatabaseError as e:
             self._reload_after_failure()
-            self._handle(e)
+            try:
+                self._handle(e)
+            except EdgeRuntimeError as failed:
+                self._lose(seq, topic, failed)
+                raise
         except OSError as e:
-            raise EdgeRuntimeError(f"spool seq floor {self._floor_path}: {e.strerror or e}") from e
+            floor_failed = EdgeRuntimeError(f"spool seq floor {self._floor.path}: {e.strerror or e}")
+            self._lose(seq, topic, floor_failed)
+            raise floor_failed from e
+        saved()
         self._next_seq = seq + 1
         if size > self.max_bytes:
             self._dropped += 1
@@ -222,6 +249,31 @@ class Spool:
         self._count += 1
         self._bytes += size
         return seq
+
+    def _lose(self, seq: int, topic: str, failure: EdgeRuntimeError) -> None:
+        """``seq`` could not be stored: use it up and count it, so its gap is explained."""
+        self._next_seq = seq + 1
+        self._lost_seq = seq  # used up even though the file has no trace of it yet
+        self._dropped += 1
+        self._loss.add(seq, failure.one_line())
+        _log.warning("spool: message seq %d to %s not stored, counted as dropped: %s", seq, topic, failure.one_line())
+
+    def _check_file(self) -> None:
+        """Rescue the messages of a spool file deleted or replaced under us (the connection still reads it)."""
+        if self._conn is None or identity(self.path) == self._ident:
+            return
+        old, count = self._conn, self._count
+        _, _, span = salvage(old)
+        _log.warning("spool %s was deleted or replaced while open: copying its %d messages into a new file",
+                     self.path, count)
+        try:
+            rescue(old, self.path)
+        except (sqlite3.Error, EdgeRuntimeError) as e:
+            self._recover(f"deleted or replaced, and the copy failed: {e}", count, span, self._next_seq)
+            self._ident = identity(self.path)
+            return
+        self._conn = None
+        self._open_file()
 
     def _make_room(self, conn: sqlite3.Connection, size: int) -> None:
         excess_count = self._count + 1 - self.max_messages
@@ -300,9 +352,13 @@ class Spool:
     # ------------------------------------------------------------------ open / recover
 
     def _open(self) -> None:
-        self._floor = self._read_floor()
+        self._floor.load()
+        self._open_file()
+
+    def _open_file(self) -> None:
         try:
             self._conn = connect(self.path)
+            self._ident = identity(self.path)
             problem = self._check(self._conn)
         except sqlite3.DatabaseError as e:
             if not is_corrupt(e):
@@ -326,11 +382,12 @@ class Spool:
         dropped = int(conn.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()[0])
         last = conn.execute("SELECT first, last FROM dropped_ranges ORDER BY first DESC LIMIT 1").fetchone()
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        self._count, self._bytes, self._dropped = int(count), int(total), dropped
+        # Losses not yet written to the file stay counted; their seqs stay used up.
+        self._count, self._bytes, self._dropped = int(count), int(total), dropped + self._loss.unsaved
         self._last_range = None if last is None else (int(last[0]), int(last[1]))
         # The floor is a reservation ahead of use: only a database that lost its history
         # starts there (a gap subscribers can see), a healthy one continues exactly.
-        self._next_seq = int(row[0]) + 1 if row else max(1, self._floor)
+        self._next_seq = max(self._lost_seq + 1, int(row[0]) + 1 if row else max(1, self._floor.value))
 
     def _salvage(self) -> tuple[int, tuple[int, int] | None]:
         """Best effort on a corrupt file: how many messages it held and their seq range."""
@@ -345,12 +402,13 @@ class Spool:
         _log.warning("spool %s is unusable (%s): moved aside to %s and recreated; %d messages lost",
                      self.path, " ".join(reason.split()), aside.name, lost)
         dropped = self._dropped + lost
-        self._floor = max(self._floor, self._read_floor())
+        self._floor.load()
         conn = self._conn = connect(self.path)
+        self._ident = identity(self.path)
         problem = self._check(conn)
         if problem is not None:
             raise EdgeRuntimeError(f"spool {self.path}: a fresh database is unusable: {problem}")
-        start = next_seq if next_seq is not None else max(self._floor, 1)
+        start = next_seq if next_seq is not None else max(self._floor.value, 1)
         with transaction(conn):
             conn.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (dropped,))
             if span is not None:
@@ -364,16 +422,3 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-
-    def _read_floor(self) -> int:
-        try:
-            return int(self._floor_path.read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as e:
-            _log.warning("spool seq floor %s unreadable (%s): relying on the database", self._floor_path, e)
-            return 0
-
-    def _raise_floor(self, value: int) -> None:
-        atomic_write(self._floor_path, f"{value}\n".encode())
-        self._floor = value

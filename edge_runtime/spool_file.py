@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import EdgeRuntimeError
 from .fsutil import CLOEXEC, NOFOLLOW
 
-__all__ = ["connect", "is_corrupt", "move_aside", "prepare", "salvage", "set_last_seq", "transaction"]
+__all__ = ["connect", "identity", "is_corrupt", "move_aside", "prepare", "rescue", "salvage", "set_last_seq",
+           "transaction"]
 
 SCHEMA = 1
 KEEP_CORRUPT = 2  # moved-aside copies kept for a post-mortem; older ones are deleted
@@ -142,3 +143,43 @@ def set_last_seq(conn: sqlite3.Connection, seq: int) -> None:
     # AUTOINCREMENT remembers the largest seq ever inserted, even once its row is gone.
     conn.execute("INSERT INTO messages(seq, topic, qos, payload, size) VALUES (?, '', 0, x'', 0)", (seq,))
     conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` itself (a symlink is not followed), or None when it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def rescue(conn: sqlite3.Connection, path: Path) -> None:
+    """Copy the database open on ``conn`` into a new file at ``path``, then close ``conn``.
+
+    For a spool file deleted or replaced while open: the connection still reads
+    the old inode, so its messages can be saved. A file now at ``path`` is moved
+    aside first. Raises sqlite3.Error or EdgeRuntimeError: the copy failed
+    (``conn`` may be closed by then: recreate the database).
+    """
+    tmp = path.with_name(f".{path.name}.rescue")
+    for suffix in _SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{tmp}{suffix}").unlink()
+    dst = connect(tmp)
+    try:
+        conn.backup(dst)
+    finally:
+        dst.close()
+    if identity(path) is not None:
+        move_aside(path)
+    conn.close()
+    # Closing a WAL connection may leave or remove "<path>-wal" by name; none of it belongs to the copy,
+    # and a stale WAL next to the new file would be replayed into it.
+    for suffix in _SUFFIXES[1:]:
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise EdgeRuntimeError(f"spool {path}: cannot put the rescued copy in place: {e.strerror or e}") from e

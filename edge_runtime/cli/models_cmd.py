@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..commands import pin_refusal
+from ..errors import CacheError
 from ..gates import GateReport
 from .common import Context, emit, verb_parser
 
@@ -48,6 +50,8 @@ def _list(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _activate(ctx: Context, args: argparse.Namespace) -> int:
+    if (refused := pin_refusal(ctx.store.cache, args.name, args.version)) is not None:
+        raise CacheError(refused)  # the same precedence as the MQTT commands: the pin wins
     report = ctx.store.activate(args.name, args.version, gates=not args.no_gates)
     emit(ctx, {"name": args.name, "active": args.version, "gates": _gate_json(report)},
          f"{args.name} v{args.version} is active ({_gate_text(report)})")
@@ -55,6 +59,8 @@ def _activate(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _rollback(ctx: Context, args: argparse.Namespace) -> int:
+    if (refused := pin_refusal(ctx.store.cache, args.name, args.to)) is not None:
+        raise CacheError(refused)  # the same precedence as the MQTT commands: the pin wins
     version = ctx.store.cache.rollback(args.name, args.to)
     emit(ctx, {"name": args.name, "active": version}, f"{args.name} rolled back to v{version}")
     return 0
