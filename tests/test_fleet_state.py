@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import cli
 from daemon_helpers import Serve, pack_onnx, wait_for, write_config
 from mqtt_broker import Broker, mosquitto_binary
-from test_mqtt_daemon import DEVICE, TOP, Operator, _retained, broker, device, mqtt_config  # noqa: F401 - fixtures
+from test_mqtt_daemon import DEVICE, TOP, Operator, _retained, broker, device, mqtt_config, wait_online  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 MODEL = "ppocr-cls"
@@ -130,6 +130,7 @@ def test_update_of_a_pinned_model_installs_without_activating(tmp_path: Path, ke
     op = Operator(broker)
     try:
         serve.wait_ready()
+        wait_online(broker)
         assert op.command("pin", {"model": MODEL, "version": 1})["ok"]
         with FaultServer({"/v2.bundle": Route(body=v2)}) as server:
             update = op.command("update", {"url": server.url("/v2.bundle")}, timeout=60.0)

@@ -95,11 +95,19 @@ def device(tmp_path: Path, keys: dict[str, Path], zoo: Zoo, broker: Broker) -> I
         "--config", config)
     serve = Serve(config, state, port).start()
     serve.wait_ready()
+    wait_online(broker)
     try:
         yield serve
     finally:
         if serve.proc and serve.proc.poll() is None:
             serve.kill9()
+
+
+def wait_online(broker: Broker, device: str = DEVICE) -> None:
+    """Wait for the device's retained online status: the daemon publishes it only once the broker has
+    acknowledged its command subscriptions, so a command sent after this is never lost (API readiness
+    alone comes earlier)."""
+    wait_for(lambda: '"state": "online"' in _retained(broker, f"edge/{device}/status"), 30, f"{device} online")
 
 
 class Operator:
@@ -314,6 +322,7 @@ def test_ping_and_status_are_answered_while_an_update_downloads(tmp_path: Path, 
         op = Operator(broker)
         try:
             serve.wait_ready()
+            wait_online(broker)
             assert op.command("ping")["ok"]
             payload = json.dumps({"id": "slow-update", "ts": time.time(),
                                   "args": {"url": server.url("/slow.bundle")}}).encode()
@@ -343,6 +352,7 @@ def test_signed_commands_refuse_unsigned_wrong_key_expired_and_replayed(tmp_path
             "--config", config)
     serve = Serve(config, state, port).start()
     serve.wait_ready()
+    wait_online(broker)
     op = Operator(broker)
     good, bad = load_private_key(tmp_path / "operator.key"), load_private_key(tmp_path / "intruder.key")
 
