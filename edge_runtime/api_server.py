@@ -44,6 +44,7 @@ from .api_handler import ApiRequestHandler, HandlerContext
 from .config import ApiConfig
 from .errors import ConfigError
 from .metrics import Metrics
+from .progress import Heartbeat
 from .serving import InferenceService
 
 __all__ = ["ApiServer"]
@@ -72,6 +73,9 @@ class _ServerMixin(socketserver.ThreadingMixIn):
             cast(socketserver.BaseServer, super()).shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        self.api.progress.beat()  # serve_forever calls this every turn of its loop (poll_interval 0.1 s)
 
     def shutdown_request(self, request: Any) -> None:
         self.api._connection_closed(request)
@@ -152,6 +156,7 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self._socket_path: Path | None = None
         self._socket_id: tuple[int, int] | None = None
+        self.progress = Heartbeat()  # the serving loop's: a stuck accept loop stops it (edge_runtime.liveness)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +188,7 @@ class ApiServer:
             raise ConfigError(f"api.listen {listen!r}: cannot listen: {getattr(e, 'strerror', None) or e}") from e
         server.api, server.context = self, self._context
         self._server = server
+        self.progress.beat()
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="api-server", daemon=True)
         self._thread.start()
