@@ -199,15 +199,21 @@ class ApiServer:
 
         Waits up to ``drain_timeout`` seconds for requests in flight (they answer
         with ``Connection: close``), then shuts every connection down, so idle
-        keep-alive clients are not waited for. Removes the unix socket file if
-        it is still the one this server bound.
+        keep-alive clients are not waited for; a serving loop blocked in a
+        call is left behind (a daemon thread) after 2 s. Removes the unix
+        socket file if it is still the one this server bound.
         """
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
         self._context.stopping = True
-        server.shutdown()
-        thread.join()  # no connection is accepted (or tracked) after this
+        # shutdown() waits for the serving loop to turn; a loop blocked in a call never does, so ask from
+        # another thread and wait a bounded time (liveness has withheld the watchdog for it already).
+        threading.Thread(target=server.shutdown, name="api-shutdown", daemon=True).start()
+        thread.join(2.0)  # a turning loop ends within its poll_interval; no connection is accepted after this
+        if thread.is_alive():
+            log.warning("API serving loop is blocked (no progress for %.1f s); not waiting for it",
+                        self.progress.age())
         server.server_close()
         self._remove_socket_file()
         self._context.wait_idle(self.drain_timeout)

@@ -56,7 +56,8 @@ class Liveness:
         self.metrics = metrics
         self._clock = clock
         self._budgets: dict[str, RestartBudget] = {}
-        self._stalled: dict[str, str] = {}  # pipeline -> what it is stalled in, while a stall goes unrestarted
+        self._stalled: dict[str, tuple[str, str]] = {}  # pipeline -> (part, problem) of an unrestarted stall
+        self._api_stalled = ""
         self.problem = ""
         """Why the watchdog is withheld now ("" while every part makes progress)."""
 
@@ -82,7 +83,10 @@ class Liveness:
             if not api.alive:
                 problems.append("the API server thread ended")
             elif age > bound:
-                problems.append(f"the API serving loop made no progress for {age:.1f} s")
+                self._api_stalled = self._api_stalled or f"the API serving loop made no progress for {age:.1f} s"
+                problems.append(self._api_stalled)
+            else:
+                self._api_stalled = ""
         problems += [f"{type(c).__name__} is not alive" for c in components if not getattr(c, "alive", True)]
         self.problem = "; ".join(problems)
         return self.problem
@@ -91,6 +95,9 @@ class Liveness:
 
     def _on_stall(self, pipeline: Pipeline, part: str, age: float, pipelines: Sequence[Pipeline]) -> str:
         """Restart a stalled source if allowed; else the reason the daemon cannot recover ("" when restarted)."""
+        known = self._stalled.get(pipeline.name)
+        if known is not None and known[0] == part:
+            return known[1]  # reported once per stall; the text stays the same, so it is logged once
         what = f"pipeline {pipeline.name}: {part} {pipeline.source.label if part == 'source' else pipeline.model}"
         stuck = f"{what} made no progress for {age:.1f} s (bound {self.config.stall_seconds:g} s)"
         if part == "source":
@@ -100,13 +107,12 @@ class Liveness:
         else:
             why_not = "a stalled inference cannot be interrupted"
         problem = f"{stuck}; {why_not}"
-        if self._stalled.get(pipeline.name) != part:  # once per stall, not every tick
-            self._stalled[pipeline.name] = part
-            self.metrics.stall(pipeline.name)
-            _log.error("%s; not restarting it: %s", stuck, why_not)
-            self.events.emit(f"{part}_stalled", model=pipeline.model, reason=problem, pipeline=pipeline.name,
-                             source=pipeline.source.label, stalled_s=round(age, 3), action="gave_up",
-                             restarts=pipeline.restarts)
+        self._stalled[pipeline.name] = (part, problem)
+        self.metrics.stall(pipeline.name)
+        _log.error("%s; not restarting it: %s", stuck, why_not)
+        self.events.emit(f"{part}_stalled", model=pipeline.model, reason=problem, pipeline=pipeline.name,
+                         source=pipeline.source.label, stalled_s=round(age, 3), action="gave_up",
+                         restarts=pipeline.restarts)
         return problem
 
     def _why_not_restart(self, pipeline: Pipeline, pipelines: Sequence[Pipeline]) -> str:
@@ -137,9 +143,10 @@ class Liveness:
         return ""
 
     def _cleared(self, pipeline: Pipeline) -> None:
-        part = self._stalled.pop(pipeline.name, None)
-        if part is None:
+        known = self._stalled.pop(pipeline.name, None)
+        if known is None:
             return
+        part = known[0]
         _log.info("pipeline %s: the %s makes progress again", pipeline.name, part)
         self.events.emit("stall_cleared", model=pipeline.model, reason=f"pipeline {pipeline.name}: the {part} "
                          "makes progress again", pipeline=pipeline.name, part=part)

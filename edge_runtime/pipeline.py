@@ -185,9 +185,12 @@ class Pipeline:
         self._stopping.set()
         self.source.stop_event.set()
         self._queue.close()
-        for thread in (self._source_thread, self._worker):
-            if thread.is_alive():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        # A source thread that stopped beating is blocked in a call (a FIFO, a hung stream): it will not see
+        # the stop, so it is not waited out. The worker is: a long inference in flight is drained.
+        source_wait = BEAT_SECONDS if self.source.progress.age() > 4 * BEAT_SECONDS else timeout
+        for thread, wait in ((self._source_thread, source_wait), (self._worker, timeout)):
+            if thread.is_alive():  # never started (stop before start): nothing to join
+                thread.join(max(0.0, min(wait, deadline - time.monotonic())))
         if not self._source_thread.is_alive() and not self._closed:
             self._closed = True
             try:
