@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 from cli_helpers import Device, cli
-from daemon_helpers import Serve, wait_for, write_config
+from daemon_helpers import REPO, Serve, wait_for, write_config
 from test_cli import pack_face
 
 from edge_runtime.progress import Heartbeat, RestartBudget
@@ -199,7 +199,6 @@ def test_a_stuck_source_that_gets_unstuck_brings_the_watchdog_back(face_device: 
     wait_for(lambda: stalled(serve, "gave_up"), 30, "the daemon to give up (no restarts allowed)")
     unhealthy = wait_for(lambda: notify.index("STATUS=unhealthy"), 10, "STATUS=unhealthy")
 
-
     def feed_garbage() -> None:  # each reader opening the FIFO (OpenCV tries several backends) gets an EOF
         fd = open_writer(fifo)
         if fd is not None:
@@ -210,6 +209,7 @@ def test_a_stuck_source_that_gets_unstuck_brings_the_watchdog_back(face_device: 
                     "STATUS=serving again once the stuck open() returned")
     wait_for(lambda: notify.pings_since(back) >= 1, 10, "WATCHDOG=1 once it makes progress again")
     assert wait_for(lambda: serve.events("stall_cleared"), 10, "stall_cleared")[0]["part"] == "source"
+    assert serve.terminate(15) == 0
 
 
 def test_a_healthy_idle_pipeline_and_api_keep_the_watchdog_fed(face_device: Starter, tmp_path: Path,
@@ -242,7 +242,8 @@ def test_a_stuck_api_serving_loop_stops_the_watchdog(face_device: Starter, tmp_p
     trigger = tmp_path / "stall-api"
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    # REPO first: sitecustomize runs before `-m` puts the cwd on sys.path, and must patch the code serve runs.
+    path = os.pathsep.join(filter(None, [str(REPO), str(inject), os.environ.get("PYTHONPATH")]))
     serve, notify = face_device(f'[liveness]\nstall_seconds = 1.0\n[[pipelines]]\nmodel = "face"\n'
                                 f'[pipelines.source]\ntype = "folder"\npath = "{inbox}"\n',
                                 {"PYTHONPATH": path, "EDGE_TEST_STALL_API": str(trigger)})
