@@ -56,6 +56,7 @@ SourceFactory = Callable[[], Source]
 """Builds a fresh source of the same configuration (to replace a stalled one)."""
 
 _MODEL_RETRY_SECONDS = 0.5
+_BLOCKED_SECONDS = 4 * BEAT_SECONDS  # a thread without a beat this long is blocked in a call, not waiting
 _log = logging.getLogger(__name__)
 _results_log = logging.getLogger("edge_runtime.results")
 
@@ -177,20 +178,24 @@ class Pipeline:
         Sets the source's stop event, closes the queue, joins both threads and
         closes the source. Abandoned items of a lossless source were never
         acked, so they are processed after the next start. Returns True when
-        both threads ended in time; if the source thread is still blocked (a
-        stream read without timeout), the source is left open rather than
-        closed under it. Safe to call twice and before :meth:`start`.
+        both threads ended in time; a source thread blocked in a call (no
+        progress for 2 s: a FIFO, a stream read without timeout) is not
+        waited for, and its source is left open rather than closed under it.
+        Safe to call twice and before :meth:`start`.
         """
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self.source.stop_event.set()
         self._queue.close()
-        # A source thread that stopped beating is blocked in a call (a FIFO, a hung stream): it will not see
-        # the stop, so it is not waited out. The worker is: a long inference in flight is drained.
-        source_wait = BEAT_SECONDS if self.source.progress.age() > 4 * BEAT_SECONDS else timeout
-        for thread, wait in ((self._source_thread, source_wait), (self._worker, timeout)):
-            if thread.is_alive():  # never started (stop before start): nothing to join
-                thread.join(max(0.0, min(wait, deadline - time.monotonic())))
+        # The source thread is waited for while it beats; one that stopped beating is blocked in a call (a
+        # FIFO, a hung stream) and will not see the stop. The worker is waited for: its item in flight drains.
+        while self._source_thread.is_alive() and self.source.progress.age() <= _BLOCKED_SECONDS:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._source_thread.join(min(BEAT_SECONDS, left))
+        if self._worker.is_alive():  # not alive: ended, or never started (stop before start)
+            self._worker.join(max(0.0, deadline - time.monotonic()))
         if not self._source_thread.is_alive() and not self._closed:
             self._closed = True
             try:

@@ -209,7 +209,10 @@ def test_a_stuck_source_that_gets_unstuck_brings_the_watchdog_back(face_device: 
                     "STATUS=serving again once the stuck open() returned")
     wait_for(lambda: notify.pings_since(back) >= 1, 10, "WATCHDOG=1 once it makes progress again")
     assert wait_for(lambda: serve.events("stall_cleared"), 10, "stall_cleared")[0]["part"] == "source"
+    # The retried open blocks on the FIFO again; SIGTERM does not wait for it (nor for the whole stop bound).
+    t0 = time.monotonic()
     assert serve.terminate(15) == 0
+    assert time.monotonic() - t0 < 10
 
 
 def test_a_healthy_idle_pipeline_and_api_keep_the_watchdog_fed(face_device: Starter, tmp_path: Path,
