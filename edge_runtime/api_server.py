@@ -44,6 +44,7 @@ from .api_handler import ApiRequestHandler, HandlerContext
 from .config import ApiConfig
 from .errors import ConfigError
 from .metrics import Metrics
+from .progress import Heartbeat
 from .serving import InferenceService
 
 __all__ = ["ApiServer"]
@@ -72,6 +73,9 @@ class _ServerMixin(socketserver.ThreadingMixIn):
             cast(socketserver.BaseServer, super()).shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        self.api.progress.beat()  # serve_forever calls this every turn of its loop (poll_interval 0.1 s)
 
     def shutdown_request(self, request: Any) -> None:
         self.api._connection_closed(request)
@@ -152,6 +156,7 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self._socket_path: Path | None = None
         self._socket_id: tuple[int, int] | None = None
+        self.progress = Heartbeat()  # the serving loop's: a stuck accept loop stops it (edge_runtime.liveness)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +188,7 @@ class ApiServer:
             raise ConfigError(f"api.listen {listen!r}: cannot listen: {getattr(e, 'strerror', None) or e}") from e
         server.api, server.context = self, self._context
         self._server = server
+        self.progress.beat()
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="api-server", daemon=True)
         self._thread.start()
@@ -193,15 +199,21 @@ class ApiServer:
 
         Waits up to ``drain_timeout`` seconds for requests in flight (they answer
         with ``Connection: close``), then shuts every connection down, so idle
-        keep-alive clients are not waited for. Removes the unix socket file if
-        it is still the one this server bound.
+        keep-alive clients are not waited for; a serving loop blocked in a
+        call is left behind (a daemon thread) after 2 s. Removes the unix
+        socket file if it is still the one this server bound.
         """
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
         self._context.stopping = True
-        server.shutdown()
-        thread.join()  # no connection is accepted (or tracked) after this
+        # shutdown() waits for the serving loop to turn; a loop blocked in a call never does, so ask from
+        # another thread and wait a bounded time (liveness has withheld the watchdog for it already).
+        threading.Thread(target=server.shutdown, name="api-shutdown", daemon=True).start()
+        thread.join(2.0)  # a turning loop ends within its poll_interval; no connection is accepted after this
+        if thread.is_alive():
+            log.warning("API serving loop is blocked (no progress for %.1f s); not waiting for it",
+                        self.progress.age())
         server.server_close()
         self._remove_socket_file()
         self._context.wait_idle(self.drain_timeout)

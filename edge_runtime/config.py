@@ -98,6 +98,8 @@ Example (all sections shown with their defaults)::
     loop = false                # restart a video file at its end
     queue = 1                   # frames waiting; older ones are dropped (latest-frame policy)
     reconnect_max_seconds = 30.0
+
+``[liveness]`` (stall bound, restarts; see :mod:`.liveness_config`) sits before ``[[pipelines]]``.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .typed_toml import build, load_toml
+from .liveness_config import LivenessConfig
+from .typed_toml import build, in_range, load_toml
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -119,11 +122,13 @@ __all__ = [
     "BackendConfig",
     "Config",
     "Limits",
+    "LivenessConfig",
     "MqttConfig",
     "OtaConfig",
     "PipelineConfig",
     "SourceConfig",
     "TrustConfig",
+    "in_range",
     "load_config",
 ]
 
@@ -140,11 +145,6 @@ KNOWN_PROVIDERS = (
     "ArmNNExecutionProvider",
     "CPUExecutionProvider",
 )
-
-
-def in_range(lo: float, hi: float) -> Callable[[Any], str]:
-    """Validator: the number lies in [lo, hi]."""
-    return lambda v: "" if lo <= v <= hi else f"must be between {lo:g} and {hi:g}, got {v!r}"
 
 
 def _known_providers(values: tuple[str, ...]) -> str:
@@ -346,6 +346,7 @@ class Config:
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
 
     def __post_init__(self) -> None:

@@ -2,7 +2,9 @@
 
 Start: state dir + cache recovery -> events, metrics, inference service ->
 models (crash-loop guard, load, warm-up) -> local API -> pipelines -> OTA
-poller -> supervisor (probation ticks, sd_notify READY/WATCHDOG/STATUS).
+poller -> supervisor (probation ticks, progress-based liveness, sd_notify
+READY/WATCHDOG/STATUS: WATCHDOG=1 only while every part makes progress, see
+:mod:`.liveness`).
 Stop (SIGTERM/SIGINT): the same in reverse; pipelines drain the item in flight,
 the API finishes its requests, then the models are released. SIGHUP re-reads
 which versions the cache marks active (after ``edge-runtime models ...``).
@@ -25,14 +27,15 @@ from .config import Config, PipelineConfig
 from .events import EventBus
 from .fsutil import make_private_dir
 from .instance_lock import InstanceLock
+from .liveness import Liveness
 from .metrics import Metrics
 from .model_store import ModelStore
 from .ota import OtaUpdater
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SourceFactory
 from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .serving import InferenceService
-from .sources import MqttInputs, build_source
+from .sources import MqttInputs, Source, build_source
 
 if TYPE_CHECKING:
     from .mqtt_bridge import MqttBridge
@@ -86,6 +89,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.pipelines: list[Pipeline] = []
         self.components: list[Component] = []
+        self.liveness = Liveness(config.liveness, self.events, self.metrics)
         self._supervisor: threading.Thread | None = None
         self._started = False
         self._instance = InstanceLock(config.state_dir)
@@ -119,11 +123,13 @@ class Daemon:
             inputs = MqttInputs(self.mqtt.link.subscribe, self.mqtt.base, self.config.mqtt.max_input_bytes,
                                 answer=self._mqtt_answer(self.mqtt))
         for pipe_cfg in self.config.pipelines:
-            source = build_source(pipe_cfg.source, state_dir=self.config.state_dir, pipeline_name=pipe_cfg.label,
-                                  limits=self.config.limits, metrics=self.metrics, events=self.events,
-                                  stop_event=self.stop_event, mqtt=inputs)
+            new_source = self._source_factory(pipe_cfg, inputs)
+            # An mqtt source subscribes when built: a second one would double every input. It only waits
+            # on its own queue, so it has no call to get stuck in; a stall there is a give-up.
+            restart = new_source if pipe_cfg.source.type not in ("mqtt", "none") else None
+            source = new_source()
             pipeline = Pipeline(pipe_cfg, source, self.service, self.metrics, self.events,
-                                self._sink(pipe_cfg, source))
+                                self._sink(pipe_cfg, source), new_source=restart)
             pipeline.start()
             self.pipelines.append(pipeline)
         parts: list[Component] = [self.ota] if self.mqtt is None else [self.ota, self.mqtt]
@@ -143,6 +149,8 @@ class Daemon:
         self._started = False
         self.notifier.stopping()
         self.stop_event.set()
+        for pipeline in self.pipelines:  # each source has its own stop event (a stalled one is replaced alone)
+            pipeline.source.stop_event.set()
         # Emitted before the MQTT bridge stops, so the fleet gets it too (now, or from the spool at next start).
         self.events.emit("stopped", reason="clean shutdown")
         deadline = time.monotonic() + timeout
@@ -157,6 +165,15 @@ class Daemon:
         for slot in self.service.slots.values():
             slot.close()
         self._instance.release()
+
+    def _source_factory(self, pipe_cfg: PipelineConfig, inputs: MqttInputs | None) -> SourceFactory:
+        """Builds ``pipe_cfg``'s source, each with its own stop event (also to replace a stalled one)."""
+        def build() -> Source:
+            return build_source(pipe_cfg.source, state_dir=self.config.state_dir, pipeline_name=pipe_cfg.label,
+                                limits=self.config.limits, metrics=self.metrics, events=self.events,
+                                stop_event=threading.Event(), mqtt=inputs)
+
+        return build
 
     def _sink(self, pipe_cfg: PipelineConfig, source: object) -> ResultSink | None:
         """Where a pipeline's results go: stdout (``results = "log"``) and, with MQTT, the results topic;
@@ -203,16 +220,17 @@ class Daemon:
     # ------------------------------------------------------------------ supervision
 
     def alive(self) -> bool:
-        """True while the inference paths are alive (pipelines, API, components that report it)."""
-        parts: list[bool] = [p.alive for p in self.pipelines]
-        if self.api is not None:
-            parts.append(self.api.alive)
-        parts += [bool(getattr(c, "alive", True)) for c in self.components]
-        return all(parts)
+        """The supervisor's last verdict: every pipeline, the API and each component make progress.
+
+        False while a part is stalled past ``liveness.stall_seconds`` and cannot
+        be restarted, or a thread died (:attr:`Liveness.problem` says which).
+        """
+        return not self.liveness.problem
 
     def _supervise(self) -> None:
         period = 0.5 if self.notifier.watchdog_seconds is None else min(0.5, self.notifier.watchdog_seconds / 3)
         ready_sent = False
+        withheld = ""
         while not self.stop_event.wait(period):
             _guarded("probation check", self.activator.tick)
             if self._reload.is_set():
@@ -221,10 +239,21 @@ class Daemon:
             if not ready_sent and self.service.ready:
                 served = ", ".join(f"{n} v{s.version}" for n, s in sorted(self.service.slots.items()) if s.version)
                 ready_sent = self.notifier.ready(f"serving {served}") or True
-            if self.alive():
+            problem = ""
+            try:
+                problem = self.liveness.check(self.pipelines, self.api, self.components)
+            except Exception:  # a bug in the judge must not kill the supervisor (and with it every ping)
+                _log.exception("liveness check failed")
+            if problem and problem != withheld and not self.stop_event.is_set():
+                _log.error("cannot recover by itself; withholding the watchdog ping so systemd restarts it: %s",
+                           problem)
+                self.notifier.status(f"unhealthy: {problem}"[:500])
+            elif not problem and withheld:
+                _log.warning("every part makes progress again; feeding the watchdog")
+                self.notifier.status("serving again")
+            withheld = problem
+            if not problem:
                 self.notifier.watchdog()
-            else:
-                _log.error("an inference thread died; withholding the watchdog ping")
 
 
 def _guarded(what: str, fn: Callable[[], object]) -> None:

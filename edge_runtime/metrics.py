@@ -54,6 +54,9 @@ class Metrics:
         self._source_errors: collections.Counter[str] = collections.Counter()
         self._queue_depth: dict[str, int] = {}
         self._events: collections.Counter[str] = collections.Counter()
+        self._stalls: collections.Counter[str] = collections.Counter()
+        self._progress_age: dict[str, float] = {}  # pipeline -> seconds since it last made progress
+        self._api_progress_age: float | None = None
         self.started = clock()
 
     def _model(self, name: str) -> ModelStats:
@@ -108,6 +111,21 @@ class Metrics:
         with self._lock:
             self._queue_depth[pipeline] = depth
 
+    def stall(self, pipeline: str) -> None:
+        """A pipeline's source or worker stalled (no progress past ``liveness.stall_seconds``)."""
+        with self._lock:
+            self._stalls[pipeline] += 1
+
+    def pipeline_progress(self, pipeline: str, age_s: float) -> None:
+        """Seconds since ``pipeline`` last made progress (set by the supervisor every tick)."""
+        with self._lock:
+            self._progress_age[pipeline] = age_s
+
+    def api_progress(self, age_s: float) -> None:
+        """Seconds since the API's serving loop last turned."""
+        with self._lock:
+            self._api_progress_age = age_s
+
     def event(self, kind: str) -> None:
         """Count a lifecycle event (update, rollback, ...) by kind."""
         with self._lock:
@@ -137,12 +155,15 @@ class Metrics:
             names = sorted(self._models)
             drops, errors = dict(self._drops), dict(self._source_errors)
             depth, events = dict(self._queue_depth), dict(self._events)
+            stalls, progress = dict(self._stalls), {p: round(a, 3) for p, a in self._progress_age.items()}
         return {
             "models": {n: self.model_summary(n) for n in names},
             "drops": drops,
             "source_errors": errors,
             "queue_depth": depth,
             "events": events,
+            "stalls": stalls,
+            "progress_age_s": progress,
             "uptime_s": round(self._clock() - self.started, 3),
         }
 
@@ -157,6 +178,7 @@ class Metrics:
             models = {n: (s.version, s.inferences, s.errors, list(s.buckets), s.latency_sum_ms)
                       for n, s in sorted(self._models.items())}
             drops, errors, depth = dict(self._drops), dict(self._source_errors), dict(self._queue_depth)
+            stalls, progress, api_age = dict(self._stalls), dict(self._progress_age), self._api_progress_age
         family("edge_inferences_total", "counter", "Successful inferences.")
         lines += [f'edge_inferences_total{{model="{_esc(n)}"}} {m[1]}' for n, m in models.items()]
         family("edge_inference_errors_total", "counter", "Failed inferences.")
@@ -178,6 +200,14 @@ class Metrics:
         lines += [f'edge_source_errors_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(errors.items())]
         family("edge_queue_depth", "gauge", "Frames waiting for inference.")
         lines += [f'edge_queue_depth{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(depth.items())]
+        family("edge_source_stalls_total", "counter", "Sources or workers that stalled (no progress past the bound).")
+        lines += [f'edge_source_stalls_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(stalls.items())]
+        family("edge_pipeline_progress_age_seconds", "gauge", "Seconds since the pipeline last made progress.")
+        lines += [f'edge_pipeline_progress_age_seconds{{pipeline="{_esc(p)}"}} {v:.3f}'
+                  for p, v in sorted(progress.items())]
+        if api_age is not None:
+            family("edge_api_progress_age_seconds", "gauge", "Seconds since the API's serving loop last turned.")
+            lines.append(f"edge_api_progress_age_seconds {api_age:.3f}")
         family("edge_uptime_seconds", "gauge", "Seconds since the daemon started.")
         lines.append(f"edge_uptime_seconds {self._clock() - self.started:.3f}")
         return "\n".join(lines) + "\n"

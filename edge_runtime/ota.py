@@ -65,7 +65,6 @@ class OtaUpdater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()
-        self.alive = True
 
     @property
     def fetcher(self) -> Fetcher:
@@ -82,6 +81,11 @@ class OtaUpdater:
             return
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The poller thread runs (True without a channel URL: nothing to poll); False once it died."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
 
     def stop(self) -> None:
         """Stop polling; an update in progress finishes its current step first."""

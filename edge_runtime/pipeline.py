@@ -15,6 +15,12 @@ then ``inference_recovered``). While the model is not loaded, a lossless
 pipeline holds its item until it is; a lossy one drops frames. A source that
 raises (a bug) ends its thread with a ``pipeline_failed`` event and
 :attr:`Pipeline.alive` turns False, which stops the systemd watchdog.
+
+Both threads beat a heartbeat (:mod:`.progress`): the source's for every
+item and every slice of a legitimate wait, the worker's for every item and
+while idle. :meth:`Pipeline.stalled` names a thread whose heartbeat is older
+than a bound; :meth:`Pipeline.restart_source` abandons a stuck source thread
+(a blocked OpenCV call cannot be interrupted) and starts a fresh source.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from .config import PipelineConfig
 from .errors import CacheError, EdgeRuntimeError, InputError
 from .events import EventBus
 from .metrics import Metrics
+from .progress import BEAT_SECONDS, Heartbeat
 from .serving import InferenceService
 from .sources import Item, Source
 
-__all__ = ["Pipeline", "ResultSink"]
+__all__ = ["Pipeline", "ResultSink", "SourceFactory"]
 
 ResultSink = Callable[[dict[str, Any]], None]
 """``on_result(record)``: ``{"pipeline", "model", "version", "key", "result", "latency_ms", "ts"}``.
@@ -43,7 +50,11 @@ prints it), ``latency_ms`` the stage timings (``preprocess``, ``infer``,
 ``postprocess``, ``total``), ``ts`` Unix seconds. Every value is JSON-ready.
 """
 
+SourceFactory = Callable[[], Source]
+"""Builds a fresh source of the same configuration (to replace a stalled one)."""
+
 _MODEL_RETRY_SECONDS = 0.5
+_BLOCKED_SECONDS = 4 * BEAT_SECONDS  # a thread without a beat this long is blocked in a call, not waiting
 _log = logging.getLogger(__name__)
 
 
@@ -68,20 +79,22 @@ class _ItemQueue:
             self._cond.notify_all()
             return dropped, len(self._items)
 
-    def put_wait(self, item: Item) -> int | None:
-        """Append once there is room; returns the depth, or None when the queue was closed."""
+    def put_wait(self, item: Item, beat: Callable[[], None]) -> int | None:
+        """Append once there is room (calling ``beat`` while waiting); the depth, or None once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or len(self._items) < self.size)
+            while not self._cond.wait_for(lambda: self._closed or len(self._items) < self.size, BEAT_SECONDS):
+                beat()
             if self._closed:
                 return None
             self._items.append(item)
             self._cond.notify_all()
             return len(self._items)
 
-    def get(self) -> tuple[Item, int] | None:
-        """The next item and the depth left, marked in flight; None once closed (items left are abandoned)."""
+    def get(self, beat: Callable[[], None]) -> tuple[Item, int] | None:
+        """The next item and the depth left, marked in flight (``beat`` while idle); None once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or bool(self._items))
+            while not self._cond.wait_for(lambda: self._closed or bool(self._items), BEAT_SECONDS):
+                beat()
             if self._closed:
                 return None
             self._in_flight += 1
@@ -111,10 +124,13 @@ class Pipeline:
 
     Nothing runs until :meth:`start`. ``on_result`` is called from the worker
     thread (keep it quick); what it does with ``results`` is the caller's (the daemon's sink).
+    ``new_source`` builds a replacement source for :meth:`restart_source`
+    (None: this pipeline's source cannot be restarted).
     """
 
     def __init__(self, config: PipelineConfig, source: Source, service: InferenceService, metrics: Metrics,
-                 events: EventBus, on_result: ResultSink | None = None) -> None:
+                 events: EventBus, on_result: ResultSink | None = None, *,
+                 new_source: SourceFactory | None = None) -> None:
         self.config = config
         self.name = config.label
         self.model = config.model
@@ -126,7 +142,11 @@ class Pipeline:
         self._queue = _ItemQueue(config.source.queue)
         self._stopping = threading.Event()
         self._source_ended = threading.Event()  # the source finished by itself (a video's end)
-        self._source_thread = threading.Thread(target=self._pump, name=f"source-{self.name}", daemon=True)
+        self._new_source = new_source
+        self._abandoned: list[threading.Thread] = []  # source threads left blocked by restart_source
+        self.restarts = 0
+        self.worker_progress = Heartbeat()
+        self._source_thread = self._source_thread_for(source)
         self._worker = threading.Thread(target=self._work, name=f"infer-{self.name}", daemon=True)
         self._closed = False
         self._inference_failures = 0  # consecutive; the worker thread alone touches these three
@@ -143,6 +163,8 @@ class Pipeline:
         """
         self.metrics.known_pipeline(self.name)  # its counters are exported from 0 on
         self.metrics.queue_depth(self.name, 0)
+        self.worker_progress.beat()
+        self.source.progress.beat()
         self._worker.start()
         self._source_thread.start()
         _log.info("pipeline %s: %s -> %s started (queue %d, %s)", self.name, self.source.label, self.model,
@@ -154,17 +176,24 @@ class Pipeline:
         Sets the source's stop event, closes the queue, joins both threads and
         closes the source. Abandoned items of a lossless source were never
         acked, so they are processed after the next start. Returns True when
-        both threads ended in time; if the source thread is still blocked (a
-        stream read without timeout), the source is left open rather than
-        closed under it. Safe to call twice and before :meth:`start`.
+        both threads ended in time; a source thread blocked in a call (no
+        progress for 2 s: a FIFO, a stream read without timeout) is not
+        waited for, and its source is left open rather than closed under it.
+        Safe to call twice and before :meth:`start`.
         """
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self.source.stop_event.set()
         self._queue.close()
-        for thread in (self._source_thread, self._worker):
-            if thread.is_alive():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        # The source thread is waited for while it beats; one that stopped beating is blocked in a call (a
+        # FIFO, a hung stream) and will not see the stop. The worker is waited for: its item in flight drains.
+        while self._source_thread.is_alive() and self.source.progress.age() <= _BLOCKED_SECONDS:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._source_thread.join(min(BEAT_SECONDS, left))
+        if self._worker.is_alive():  # not alive: ended, or never started (stop before start)
+            self._worker.join(max(0.0, deadline - time.monotonic()))
         if not self._source_thread.is_alive() and not self._closed:
             self._closed = True
             try:
@@ -185,42 +214,104 @@ class Pipeline:
         return self._source_thread.is_alive() or self._source_ended.is_set()
 
     @property
+    def restartable(self) -> bool:
+        """A stalled source can be replaced (a factory was given and the pipeline is not stopping)."""
+        return self._new_source is not None and not self._stopping.is_set()
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Source threads abandoned by :meth:`restart_source` that are still blocked."""
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        return len(self._abandoned)
+
+    def stalled(self, bound: float) -> tuple[str, float] | None:
+        """``("source" | "worker", seconds)`` for a running thread without progress for over ``bound`` s."""
+        if self._stopping.is_set():
+            return None
+        if self._source_thread.is_alive() and not self._source_ended.is_set():
+            age = self.source.progress.age()
+            if age > bound:
+                return "source", age
+        if self._worker.is_alive():
+            age = self.worker_progress.age()
+            if age > bound:
+                return "worker", age
+        return None
+
+    def progress_age(self) -> float:
+        """Seconds since the pipeline last made progress: its slower thread (the worker alone once the source ended)."""
+        ages = [self.worker_progress.age()]
+        if not self._source_ended.is_set():
+            ages.append(self.source.progress.age())
+        return max(ages)
+
+    def restart_source(self) -> bool:
+        """Abandon the source thread (left blocked, a daemon thread) and start a fresh source on the same queue.
+
+        The old source's stop event is set, so if its call ever returns the
+        thread ends without feeding the queue. Returns False when this
+        pipeline cannot restart its source (no factory, stopping).
+
+        Raises:
+            EdgeRuntimeError, OSError: building the new source failed (nothing changed).
+        """
+        if self._new_source is None or self._stopping.is_set():
+            return False
+        fresh = self._new_source()
+        old, old_thread = self.source, self._source_thread
+        old.stop_event.set()
+        self._abandoned.append(old_thread)
+        self.source, self._source_thread = fresh, self._source_thread_for(fresh)
+        self.restarts += 1
+        fresh.progress.beat()
+        self._source_thread.start()
+        _log.warning("pipeline %s: abandoned the stuck source thread; started a fresh %s", self.name, fresh.label)
+        return True
+
+    @property
     def finished(self) -> bool:
         """The source ended by itself and every item it yielded has been processed."""
         return self._source_ended.is_set() and self._queue.idle()
 
     # ------------------------------------------------------------------ threads
 
-    def _pump(self) -> None:
-        items = self.source.items()
+    def _source_thread_for(self, source: Source) -> threading.Thread:
+        return threading.Thread(target=self._pump, args=(source,), name=f"source-{self.name}", daemon=True)
+
+    def _pump(self, source: Source) -> None:
+        items = source.items()
         try:
             for item in items:
-                if self._stopping.is_set():
+                source.progress.beat()
+                if self._stopping.is_set() or source.stop_event.is_set():  # stopping, or abandoned
                     return
-                if self.source.lossy:
+                if source.lossy:
                     dropped, depth = self._queue.put_latest(item)
                     if dropped:
                         self.metrics.drop(self.name, dropped)
                 else:
-                    put = self._queue.put_wait(item)
+                    put = self._queue.put_wait(item, source.progress.beat)
                     if put is None:
                         return
                     depth = put
                 self.metrics.queue_depth(self.name, depth)
-            if not self._stopping.is_set():
+            if not self._stopping.is_set() and not source.stop_event.is_set():
                 self._source_ended.set()
         except Exception as e:  # a source bug: report it and let the watchdog see a dead pipeline
-            _log.exception("pipeline %s: source %s failed", self.name, self.source.label)
-            self.events.emit("pipeline_failed", model=self.model, reason=f"source {self.source.label}: {e!r}",
+            _log.exception("pipeline %s: source %s failed", self.name, source.label)
+            self.events.emit("pipeline_failed", model=self.model, reason=f"source {source.label}: {e!r}",
                              pipeline=self.name)
         finally:
             close = getattr(items, "close", None)
             if close is not None:
                 close()  # run the generator's cleanup (release the capture) in this thread
+            if source is not self.source:  # abandoned by restart_source: nobody else will close it
+                _guarded_close(self.name, source)
 
     def _work(self) -> None:
         while True:
-            got = self._queue.get()
+            self.worker_progress.beat()
+            got = self._queue.get(self.worker_progress.beat)
             if got is None:
                 return
             item, depth = got
@@ -317,6 +408,14 @@ class Pipeline:
             _log.warning("pipeline %s: %s; waiting for it", self.name, error.one_line())
             self.events.emit("model_unavailable", model=self.model, reason=f"pipeline {self.name}: "
                              f"{error.one_line()}", pipeline=self.name)
+        self.worker_progress.beat()  # waiting for a model to be installed is legitimate, not stuck
         if self.source.lossy:
             return False
         return not self._stopping.wait(_MODEL_RETRY_SECONDS)
+
+
+def _guarded_close(name: str, source: Source) -> None:
+    try:
+        source.close()
+    except Exception:  # a failing close of an abandoned source must not kill its (ending) thread noisily
+        _log.exception("pipeline %s: closing the abandoned source failed", name)

@@ -38,7 +38,8 @@ last minute, null without inferences), ``fps`` (float, last minute),
 ``inferences`` (int), ``errors`` (int) since start.
 
 ``pipelines[]``: ``name`` (str), ``drops`` (int), ``queue_depth`` (int),
-``source_errors`` (int).
+``source_errors`` (int), ``stalls`` (int: stalls of its source or worker),
+``progress_age_s`` (float?: seconds since it last made progress).
 """
 
 from __future__ import annotations
@@ -177,9 +178,12 @@ def build_telemetry(seq: int, *, device: str, metrics_snapshot: Mapping[str, Any
     drops: Mapping[str, int] = metrics_snapshot.get("drops") or {}
     depth: Mapping[str, int] = metrics_snapshot.get("queue_depth") or {}
     source_errors: Mapping[str, int] = metrics_snapshot.get("source_errors") or {}
+    stalls: Mapping[str, int] = metrics_snapshot.get("stalls") or {}
+    progress: Mapping[str, float] = metrics_snapshot.get("progress_age_s") or {}
     pipelines = [{"name": p, "drops": int(drops.get(p, 0)), "queue_depth": int(depth.get(p, 0)),
-                  "source_errors": int(source_errors.get(p, 0))}
-                 for p in sorted(set(drops) | set(depth) | set(source_errors))]
+                  "source_errors": int(source_errors.get(p, 0)), "stalls": int(stalls.get(p, 0)),
+                  "progress_age_s": _num(progress.get(p))}
+                 for p in sorted(set(drops) | set(depth) | set(source_errors) | set(stalls) | set(progress))]
     uptime = stats.get("uptime_s", metrics_snapshot.get("uptime_s"))
     document = {
         "schema": TELEMETRY_SCHEMA,

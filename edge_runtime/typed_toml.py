@@ -25,10 +25,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 on JetPack 6
     import tomli as tomllib
 
-__all__ = ["build", "load_toml", "parse_toml"]
+__all__ = ["build", "in_range", "load_toml", "parse_toml"]
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
+
+
+def in_range(lo: float, hi: float) -> Callable[[Any], str]:
+    """Validator: the number lies in [lo, hi]."""
+    return lambda v: "" if lo <= v <= hi else f"must be between {lo:g} and {hi:g}, got {v!r}"
 
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ..config import Limits, SourceConfig
 from ..errors import ConfigError
 from ..events import EventBus
 from ..metrics import Metrics
+from ..progress import Heartbeat, beating_wait
 
 __all__ = [
     "SOURCE_TYPES",
@@ -81,6 +82,11 @@ class Source(abc.ABC):
     an outage emits a ``source_failed`` event) and :meth:`_recovered` once data
     flows again (one ``source_recovered`` event). ``label`` names the source in
     logs and events and must never contain a secret.
+
+    ``progress`` is the source thread's heartbeat: the pipeline beats it for
+    every item, :meth:`_wait` while waiting; a source blocked in a call stops
+    beating and is reported as stalled (:mod:`edge_runtime.liveness`).
+    ``ctx.stop_event`` belongs to this source alone: setting it ends this one.
     """
 
     lossy: ClassVar[bool] = False
@@ -91,12 +97,13 @@ class Source(abc.ABC):
         self.stop_event = ctx.stop_event
         self._down_since: float | None = None
         self._failures = 0
+        self.progress = Heartbeat()
 
     @abc.abstractmethod
     def items(self) -> Iterator[Item]:
         """Yield ``(key, payload)`` until the source ends or ``stop_event`` is set.
 
-        Waits check ``stop_event`` at least every half second. Source failures
+        Waits check ``stop_event`` and beat ``progress`` at least every half second. Source failures
         are reported and retried inside; an exception escaping here is a bug
         (the pipeline reports it and stops being ``alive``).
         """
@@ -113,8 +120,8 @@ class Source(abc.ABC):
         return self._down_since is not None
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds`` (woken at once by a stop); True when stopping."""
-        return self.stop_event.wait(max(0.0, seconds))
+        """Sleep up to ``seconds`` (woken at once by a stop), beating ``progress``; True when stopping."""
+        return beating_wait(self.stop_event, seconds, self.progress)
 
     def _failed(self, reason: str) -> None:
         """One failed attempt: counted always, an event only when the outage starts."""

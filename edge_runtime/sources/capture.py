@@ -199,6 +199,7 @@ class CaptureSource(Source):
                 while True:
                     if not capture.grab():
                         return None
+                    self.progress.beat()  # each grab returned: not stuck, however long the interval
                     if time.monotonic() >= due or self.stop_event.is_set():
                         break
                 ok, frame = capture.retrieve()

@@ -101,6 +101,7 @@ class MqttInputSource(Source):
             try:
                 yield self._buffer.get(timeout=0.5)
             except queue.Empty:
+                self.progress.beat()  # idle is progress: nothing arrived, nothing is stuck
                 continue
 
     def ack(self, key: str, error: str | None = None) -> None:
