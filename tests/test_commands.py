@@ -421,7 +421,7 @@ SURFACE = {
     "command_auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
     "command_ledger": {"Claim", "CommandLedger"},
-    "commands": {"MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply",
+    "commands": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply",
                  "pinned_version"},
     "runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
