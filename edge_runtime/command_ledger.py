@@ -3,9 +3,11 @@
 A small SQLite database (WAL, ``synchronous=FULL``, file mode 0600) with two
 tables:
 
-- ``commands(id, started, reply)``: one row per command id claimed within the
+- ``commands(id, started, reply, digest)``: one row per command id claimed within the
   last ``window_seconds``. ``reply`` is NULL while the command runs, then the
-  JSON of its :class:`~edge_runtime.command_parse.Reply`. :meth:`CommandLedger.claim`
+  JSON of its :class:`~edge_runtime.command_parse.Reply`; ``digest`` is the
+  SHA-256 of the verb and args that ran, so an id reused for a different
+  command is told apart from a redelivery (:attr:`Claim.conflict`). :meth:`CommandLedger.claim`
   is one ``BEGIN IMMEDIATE`` transaction, so of two deliveries of an id (two
   threads, or a redelivery after a restart) exactly one gets to run it; the
   other is told it is running or gets the stored reply.
@@ -42,7 +44,7 @@ __all__ = ["Claim", "CommandLedger"]
 
 _log = logging.getLogger(__name__)
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, started REAL NOT NULL, reply TEXT);
+CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, started REAL NOT NULL, reply TEXT, digest TEXT);
 CREATE INDEX IF NOT EXISTS commands_started ON commands (started);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
@@ -63,6 +65,8 @@ class Claim:
 
     fresh: bool
     reply: Reply | None = None
+    conflict: bool = False
+    """Not fresh, and the id was first used for a different verb or args (a digest mismatch)."""
 
     @property
     def running(self) -> bool:
@@ -128,6 +132,9 @@ class CommandLedger:
             # FULL: the "running" mark of a claim must reach the disk before the command acts.
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(commands)")}
+            if "digest" not in columns:  # a ledger written before digests were kept
+                db.execute("ALTER TABLE commands ADD COLUMN digest TEXT")
         except BaseException:
             db.close()
             raise
@@ -135,8 +142,12 @@ class CommandLedger:
 
     # ------------------------------------------------------------------ commands
 
-    def claim(self, command_id: str) -> Claim:
+    def claim(self, command_id: str, digest: str | None = None) -> Claim:
         """Atomically take ``command_id`` for running, unless it ran or runs within the window.
+
+        ``digest`` (of the verb and args) is stored with a fresh claim; a later
+        claim of the id with another digest is marked ``conflict`` (rows without
+        one never conflict).
 
         Raises:
             CommandError: the database failed (the command must then not run).
@@ -144,11 +155,13 @@ class CommandLedger:
         with self._guard("claim"), self._transaction():
             now = self._clock()
             self._prune_due(now)
-            row = self._db.execute("SELECT started, reply FROM commands WHERE id = ?", (command_id,)).fetchone()
+            row = self._db.execute("SELECT started, reply, digest FROM commands WHERE id = ?",
+                                   (command_id,)).fetchone()
             if row is not None and row[0] >= now - self.window_seconds:
-                return Claim(False, None if row[1] is None else self._decode(command_id, row[1]))
-            self._db.execute("INSERT OR REPLACE INTO commands (id, started, reply) VALUES (?, ?, NULL)",
-                             (command_id, now))
+                conflict = digest is not None and row[2] is not None and row[2] != digest
+                return Claim(False, None if row[1] is None else self._decode(command_id, row[1]), conflict)
+            self._db.execute("INSERT OR REPLACE INTO commands (id, started, reply, digest) VALUES (?, ?, NULL, ?)",
+                             (command_id, now, digest))
             return Claim(True)
 
     def record(self, command_id: str, reply: Reply) -> None:

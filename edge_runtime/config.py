@@ -79,6 +79,9 @@ Example (all sections shown with their defaults)::
     signed_commands = false     # when true: update/rollback/pin/unpin/config need an operator signature
     # operator_keys_dir = "/etc/edge-runtime/operator-keys"
     command_max_age_seconds = 300.0
+    unsigned_command_max_age_seconds = 300.0  # unsigned commands: ts older (or ahead) than this is refused
+    command_rate = 20.0         # commands/s taken in (all command topics); past it dropped and counted
+    command_burst = 40
     results = false             # publish results to edge/<device>/results/<model>
     results_max_per_second = 5.0
     max_input_bytes = 8388608   # MQTT input source payload cap
@@ -111,6 +114,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_checks import listen as _listen
+from .config_checks import url as _url
 from .errors import ConfigError
 from .liveness_config import LivenessConfig
 from .typed_toml import build, in_range, load_toml
@@ -188,20 +193,6 @@ class BackendConfig:
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
     return lambda v: "" if v in choices else f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}"
-
-
-def _listen(value: str) -> str:
-    if value.startswith("unix:"):
-        return "" if value[5:].startswith("/") else "unix socket path must be absolute (unix:/run/...)"
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return f"must be HOST:PORT or unix:/PATH, got {value!r}"
-    return ""
-
-
-def _url(*schemes: str) -> Callable[[Any], str]:
-    return lambda v: "" if not v or (v.split("://", 1)[0] in schemes and "://" in v) else (
-        f"must be a URL with scheme {' or '.join(schemes)}")
 
 
 @dataclass(frozen=True)
@@ -310,6 +301,9 @@ class MqttConfig:
     signed_commands: bool = False
     operator_keys_dir: Path | None = None
     command_max_age_seconds: float = field(default=300.0, metadata={"check": in_range(1, 86400)})
+    unsigned_command_max_age_seconds: float = field(default=300.0, metadata={"check": in_range(1, 86400 * 365)})
+    command_rate: float = field(default=20.0, metadata={"check": in_range(0.1, 10000)})
+    command_burst: int = field(default=40, metadata={"check": in_range(1, 100000)})
     results: bool = False
     results_max_per_second: float = field(default=5.0, metadata={"check": in_range(0.01, 10000)})
     max_input_bytes: int = field(default=8 << 20, metadata={"check": in_range(1024, 1 << 28)})

@@ -12,6 +12,9 @@ order, paced, once the link is up; nothing is lost within the spool's bound.
 Commands run on two worker threads, never on the MQTT network thread: one for the
 verbs that change models (``MODEL_VERBS``: an update may download for minutes),
 one for the rest, so ``ping``/``status``/``config`` are answered meanwhile.
+Before that, :class:`~edge_runtime.command_intake.CommandIntake` refuses retained
+messages and drops what exceeds the intake rate (counted in ``status``); replies
+wait for the link in a :class:`~edge_runtime.reply_outbox.ReplyOutbox` when it is down.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .command_auth import CommandAuth
+from .command_intake import CommandIntake
 from .command_ledger import CommandLedger
 from .commands import MODEL_VERBS, SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
 from .config import Config
 from .errors import EdgeRuntimeError, LinkError
 from .forwarder import Forwarder
 from .mqtt_link import Message, MqttLink
+from .reply_outbox import ReplyOutbox
 from .signing import load_trusted_keys
 from .spool import Spool
 from .telemetry import SystemStats, build_telemetry
@@ -81,6 +86,8 @@ class MqttBridge:
                                    max_inflight=self.mqtt.max_inflight, connected=lambda: self.link.connected)
         self.stats = SystemStats(config.state_dir)
         self.dispatcher = self._build_dispatcher(config)
+        self.intake = CommandIntake(self.mqtt.command_rate, self.mqtt.command_burst)
+        self.outbox = ReplyOutbox(self.link)
         # Two workers, each in arrival order: model operations (an update can take minutes) never
         # hold up ping/status/config.
         self._lanes: dict[str, queue.Queue[tuple[str, Message] | None]] = {
@@ -164,6 +171,7 @@ class MqttBridge:
     def _on_connect(self) -> None:
         self._connects += 1
         self._publish_status("started" if self._connects == 1 else "reconnected")
+        self.outbox.flush()
         self.forwarder.wake()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -237,6 +245,8 @@ class MqttBridge:
         return [f"{self.base}/cmd/+", f"{prefix}/all/cmd/+", *(f"{prefix}/group/{g}/cmd/+" for g in self.mqtt.groups)]
 
     def _on_command_message(self, message: Message) -> None:
+        if not self.intake.admit(message.topic, message.retain):
+            return
         verb = message.topic.rsplit("/", 1)[-1]
         lane = self._lanes["model-commands" if verb in MODEL_VERBS else "commands"]
         try:
@@ -259,12 +269,8 @@ class MqttBridge:
             topic, correlation = message.response_topic, message.correlation_data
         else:
             topic, correlation = f"{self.base}/reply/{reply.id or 'invalid'}", None
-        try:
-            # The device property tells a fleet tool which device answered a group command.
-            self.link.publish(topic, payload, qos=1, correlation_data=correlation,
-                              user_properties=(("device", self.device),))
-        except LinkError as e:
-            _log.warning("reply to %s lost: %s", topic, e.one_line())
+        # The device property tells a fleet tool which device answered a group command.
+        self.outbox.send(topic, payload, correlation=correlation, user_properties=(("device", self.device),))
 
     def _build_dispatcher(self, config: Config) -> Dispatcher:
         d = self.daemon
@@ -277,7 +283,8 @@ class MqttBridge:
         handlers = DeviceCommands(d.activator, d.ota, d.store, self.settings, self.status).handlers()
         return Dispatcher(handlers, ledger=ledger, auth=auth, signed_verbs=SIGNED_VERBS if auth else (),
                           max_bytes=self.mqtt.max_command_bytes, max_depth=self.mqtt.max_json_depth,
-                          device=self.device, groups=self.mqtt.groups)
+                          device=self.device, groups=self.mqtt.groups,
+                          max_age_seconds=self.mqtt.unsigned_command_max_age_seconds)
 
     def status(self) -> dict[str, Any]:
         """The `status` command's answer."""
@@ -291,6 +298,8 @@ class MqttBridge:
             "ready": d.service.ready,
             "link": {"connected": self.link.connected},
             "spool": {"pending": self.spool.pending, "dropped": self.spool.dropped},
+            "commands": {**self.intake.counts(), "replies_waiting": self.outbox.waiting,
+                         "replies_lost": self.outbox.lost},
             "uptime_s": round(d.metrics.snapshot()["uptime_s"], 1),
         }
 

@@ -421,8 +421,8 @@ SURFACE = {
     "command_auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
     "command_ledger": {"Claim", "CommandLedger"},
-    "commands": {"MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler", "Reply",
-                 "pinned_version"},
+    "commands": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler",
+                 "Reply", "pinned_version"},
     "runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
 

@@ -14,9 +14,11 @@ __all__ = ["register"]
 
 def _serve(ctx: Context, args: argparse.Namespace) -> int:
     from ..daemon import Daemon  # the daemon's imports are only paid by the verbs that run it
+    from ..log_limit import install
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
+    install()  # a flood (of commands, of frames, of broker errors) logs a few lines and a count, not millions
     config = ctx.config
     return Daemon(config).run()
 
