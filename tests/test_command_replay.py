@@ -21,7 +21,7 @@ from cli_helpers import cli
 from daemon_helpers import Serve, pack_onnx, ppocr_input, wait_for, write_config
 from mqtt_broker import Broker, mosquitto_binary
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from test_mqtt_daemon import DEVICE, TOP, Operator, Watcher, mqtt_config
+from test_mqtt_daemon import DEVICE, TOP, Operator, Watcher, _try, mqtt_config
 
 from edge_runtime.command_ledger import CommandLedger
 from edge_runtime.command_parse import Command, Reply
@@ -187,13 +187,6 @@ def test_a_reply_ready_while_the_broker_is_down_is_sent_when_it_is_back(
             watcher.close()
             serve.kill9()
             broker.stop()
-
-
-def _try(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except AssertionError:
-        return None
 
 
 # ---------------------------------------------------------------------- pieces with injected faults
