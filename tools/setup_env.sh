@@ -10,6 +10,9 @@ PY="${PYTHON:-python3}"
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
     echo "error: Python >= 3.10 is required ($("$PY" --version 2>&1) found)" >&2; exit 1; }
 VENV="${EDGE_RUNTIME_VENV:-$REPO/.venv}"
+# Absolute, because $VENV/bin goes on the PATH: Python 3.13 keeps a relative sys.executable
+# when it was found through a relative PATH entry, and anything that cd's then loses the venv.
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 extras="${1:-}"
 case "$extras" in
     dev) lock="$REPO/tools/lock/dev.txt" ;;
