@@ -31,9 +31,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .backends.base import TensorInfo
-from .errors import CacheError, EdgeRuntimeError, InferenceError, InputError, ModelError
+from .config import Limits
+from .errors import BusyError, CacheError, EdgeRuntimeError, InferenceError, InputError, ModelError
 from .loaded_model import LoadedModel, Prediction
 from .oip_types import DATATYPES, datatype_of, oip_name
+from .tensor_limits import check_model_shape, check_shape
 
 __all__ = [
     "InferRequest",
@@ -46,8 +48,8 @@ __all__ = [
     "status_of",
 ]
 
-_MAX_RANK = 32
 _MAX_ERROR_CHARS = 300
+_DEFAULT_TENSOR_BYTES = Limits().max_image_bytes
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,6 @@ def _flag(params: Mapping[str, Any], where: str, keys: tuple[str, ...], default:
     return default
 
 
-def _shape(entry: Mapping[str, Any], where: str) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if (not isinstance(shape, list) or len(shape) > _MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise InputError(f"{where}: 'shape' must be a list of at most {_MAX_RANK} non-negative integers")
-    return tuple(shape)
-
-
 def _check_datatype(where: str, dt: np.dtype[Any], info: TensorInfo) -> None:
     """The request's datatype must be the model's, or a float for a quantised input (quantised on the way in)."""
     if dt == np.dtype(info.dtype) or (info.quantization is not None and dt.kind == "f"):
@@ -160,13 +154,15 @@ def _from_binary(where: str, chunk: memoryview, dt: np.dtype[Any], shape: tuple[
 
 
 def decode_infer_request(body: bytes, header_length: int | None, inputs: Mapping[str, TensorInfo],
-                         outputs: Sequence[str]) -> InferRequest:
+                         outputs: Sequence[str], *,
+                         max_tensor_bytes: int = _DEFAULT_TENSOR_BYTES) -> InferRequest:
     """Decode an OIP inference request for a model with ``inputs`` and ``outputs``.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header (None:
     the whole body is JSON). Checks input names, datatypes against the model,
-    shapes against the data length, binary sizes, and output names; the
-    backend checks shapes against the model when it runs.
+    shapes (each dim, the size against ``max_tensor_bytes``, rank and fixed
+    dims against the model: all before any array exists), shapes against the
+    data length, binary sizes, and output names.
 
     Raises:
         InputError: anything malformed, inconsistent or unknown (one line).
@@ -202,7 +198,8 @@ def decode_infer_request(body: bytes, header_length: int | None, inputs: Mapping
         if dt is None:
             raise InputError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         _check_datatype(where, dt, info)
-        shape = _shape(entry, where)
+        shape = check_shape(entry.get("shape"), dt.itemsize, max_tensor_bytes, where)
+        check_model_shape(shape, info.shape, where)
         count = math.prod(shape)
         size = _parameters(entry, where).get("binary_data_size")
         if size is None:
@@ -327,6 +324,8 @@ def status_of(error: EdgeRuntimeError) -> int:
         return 400
     if isinstance(error, CacheError):
         return 404  # no such model here
+    if isinstance(error, BusyError):
+        return 503  # the decode budget is full: Retry-After
     if isinstance(error, ModelError) and not isinstance(error, InferenceError):
         return 503  # cannot be loaded or served right now
     return 500

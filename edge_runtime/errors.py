@@ -8,6 +8,7 @@ so callers only ever catch this tree::
     EdgeRuntimeError
     ├── ConfigError              bad or unknown config key / value
     ├── InputError               bad image, tensor, request or command payload
+    ├── BusyError                a shared budget stayed full too long: retry later
     ├── BundleError              a bundle is refused (nothing was installed)
     │   ├── SignatureError       bad, missing, untrusted or too few signatures
     │   ├── ManifestError        manifest malformed or inconsistent
@@ -35,6 +36,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "BundleError",
+    "BusyError",
     "CacheError",
     "CommandError",
     "ConfigError",
@@ -71,6 +73,10 @@ class ConfigError(EdgeRuntimeError):
 
 class InputError(EdgeRuntimeError):
     """An input (image, tensor, request, payload) is malformed or too large."""
+
+
+class BusyError(EdgeRuntimeError):
+    """A sound input waited too long for a shared budget (image decode memory); retrying later can work."""
 
 
 class BundleError(EdgeRuntimeError):

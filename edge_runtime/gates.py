@@ -6,7 +6,6 @@ declared tolerances and meet ``gates.latency_ms_p95`` before it may serve.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from .errors import EdgeRuntimeError, GateError, InputError
 from .loaded_model import LoadedModel
 from .manifest import GoldenCase
 from .preprocess import decode_image
+from .tensor_limits import is_npy, load_npz, parse_npy
 
 __all__ = ["GateReport", "LatencyStats", "check_gates", "golden_feeds", "measure_latency", "run_golden", "sample_feeds"]
 
@@ -58,14 +58,10 @@ def _load_array_file(path: Path) -> NDArray[Any] | dict[str, NDArray[Any]]:
         data = fh.read(_MAX_GOLDEN_BYTES + 1)
     if len(data) > _MAX_GOLDEN_BYTES:
         raise InputError(f"golden file {path.name} is too large")
-    try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"golden file {path.name} is not .npy/.npz: {e}") from e
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        return {k: loaded[k] for k in loaded.files}
+    # Parsed strictly, every size checked before numpy allocates (a signed bundle can still be hostile).
+    if is_npy(data):
+        return parse_npy(data, _MAX_GOLDEN_BYTES, f"golden file {path.name}")
+    return load_npz(data, _MAX_GOLDEN_BYTES, f"golden file {path.name}")
 
 
 def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, NDArray[Any]]:
@@ -77,7 +73,8 @@ def golden_feeds(model: LoadedModel, case: GoldenCase) -> dict[str, NDArray[Any]
             return {k: model.to_tensor(v, k) for k, v in loaded.items()}
         return {model.preprocess_input.name: model.to_tensor(loaded)}
     with open(path, "rb") as fh:
-        image = decode_image(fh.read(), model.limits.max_image_bytes, model.limits.max_image_pixels)
+        limits = model.limits
+        image = decode_image(fh.read(), limits.max_image_bytes, limits.max_image_pixels, limits.max_decode_bytes)
     return {model.preprocess_input.name: model.image_to_tensor(image)}
 
 

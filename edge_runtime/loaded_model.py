@@ -24,7 +24,7 @@ from .fsutil import sha256_file
 from .manifest import Manifest, TensorSpec
 from .oip_types import datatype_of
 from .postprocess import Postprocessor, parse_labels
-from .preprocess import Preprocessor, decode_image, is_npy, load_npy
+from .preprocess import Preprocessor, decoded_image, is_npy, load_npy
 
 __all__ = ["LoadedModel", "Prediction"]
 
@@ -100,14 +100,18 @@ class LoadedModel:
         """Run on a JPEG/PNG image or a .npy tensor given as bytes.
 
         Raises:
-            InputError: bad or oversized input. InferenceError: runtime failed.
+            InputError: bad or oversized input. BusyError: the decode budget stayed full.
+            InferenceError: runtime failed.
         """
         t0 = time.perf_counter()
         if is_npy(data):
             feeds = {self.preprocess_input.name: self.to_tensor(load_npy(data, self.limits.max_image_bytes))}
         else:
-            image = decode_image(data, self.limits.max_image_bytes, self.limits.max_image_pixels)
-            feeds = {self.preprocess_input.name: self.image_to_tensor(image)}
+            limits = self.limits
+            # The decode budget is held until the full-size image is dropped, not only while OpenCV runs.
+            with decoded_image(data, limits.max_image_bytes, limits.max_image_pixels, limits.max_decode_bytes) as image:
+                feeds = {self.preprocess_input.name: self.image_to_tensor(image)}
+                del image
         return self._run(feeds, t0)
 
     def predict_image(self, image: NDArray[Any]) -> Prediction:

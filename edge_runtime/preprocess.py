@@ -1,59 +1,55 @@
 """Image and tensor inputs -> the model's input tensor, as the manifest declares.
 
 Decoding accepts only JPEG and PNG (their headers are checked for size before
-OpenCV decodes anything, so a pixel bomb is refused cheaply) and ``.npy``
-tensors (never pickles). All arithmetic is vectorised: OpenCV resize and
+OpenCV decodes anything, so a pixel bomb is refused cheaply, and the bytes the
+decode needs are reserved from the process-wide decode budget first) and
+``.npy`` tensors (never pickles; :mod:`edge_runtime.tensor_limits`). All arithmetic is vectorised: OpenCV resize and
 colour conversion, then one fused multiply-add per channel in numpy. OpenCV is
 imported on first use (about 15 MB of RSS), so tensor-only models never load it.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from .config import Limits
+from .decode_budget import DecodeBudget, shared_budget
 from .errors import InputError, ManifestError
 from .manifest import Preprocess
+from .tensor_limits import is_npy, parse_npy
 
 __all__ = [
     "Letterbox",
     "Preprocessor",
+    "decode_cost",
     "decode_image",
+    "decoded_image",
     "image_dimensions",
     "is_npy",
     "load_npy",
 ]
 
-_NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def is_npy(data: bytes) -> bool:
-    """True when ``data`` starts with the .npy magic."""
-    return data[:6] == _NPY_MAGIC
+# Progressive / hierarchical JPEG: libjpeg keeps every DCT coefficient (2 bytes per sample) until the last scan.
+_JPEG_MULTISCAN = {0xC2, 0xC6, 0xCA, 0xCE}
+_DEFAULT_DECODE_BYTES = Limits().max_decode_bytes
 
 
 def load_npy(data: bytes, max_bytes: int) -> NDArray[Any]:
-    """Parse .npy bytes (no pickles) of at most ``max_bytes``.
+    """Parse .npy bytes (no pickles) of at most ``max_bytes``; sizes checked before any allocation.
 
     Raises:
-        InputError: too large, not .npy, or an object array.
+        InputError: too large, not .npy, a malformed header or an absurd shape, or not numeric.
     """
-    if len(data) > max_bytes:
-        raise InputError(f"tensor of {len(data)} bytes exceeds the {max_bytes}-byte cap")
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"not a valid .npy tensor: {e}") from e
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise InputError("tensor must be a numeric .npy array")
-    return array
+    return parse_npy(data, max_bytes)
 
 
 def image_dimensions(data: bytes) -> tuple[int, int]:
@@ -62,11 +58,31 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
     Raises:
         InputError: not a PNG/JPEG, or the header is truncated.
     """
+    width, height, _ = _image_header(data)
+    return width, height
+
+
+def decode_cost(data: bytes) -> int:
+    """Bytes OpenCV will allocate to decode ``data`` (PNG/JPEG), read from its header only.
+
+    The BGR output (3 bytes a pixel), plus for a progressive or hierarchical
+    JPEG libjpeg's whole-image coefficient buffer (2 bytes per sample per
+    component). Other formats are refused, so nothing decodes unmeasured.
+
+    Raises:
+        InputError: not a PNG/JPEG, or the header is truncated.
+    """
+    width, height, extra_per_pixel = _image_header(data)
+    return width * height * (3 + extra_per_pixel)
+
+
+def _image_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, extra decoder bytes per pixel) from a PNG IHDR or JPEG SOF."""
     if data[:8] == _PNG_MAGIC:
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise InputError("truncated PNG header")
         width, height = struct.unpack(">II", data[16:24])
-        return int(width), int(height)
+        return int(width), int(height), 0
     if data[:2] == b"\xff\xd8":
         pos = 2
         while pos + 4 <= len(data):
@@ -81,20 +97,29 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
                 continue
             (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
             if marker in _JPEG_SOF:
-                if pos + 9 > len(data):
+                if pos + 10 > len(data):
                     break
                 height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-                return int(width), int(height)
+                extra = 2 * data[pos + 9] if marker in _JPEG_MULTISCAN else 0
+                return int(width), int(height), extra
             pos += 2 + length
         raise InputError("truncated JPEG: no frame header")
     raise InputError("not a JPEG or PNG image")
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> NDArray[Any]:
-    """Decode JPEG/PNG bytes to a BGR uint8 HxWx3 array.
+@contextlib.contextmanager
+def decoded_image(data: bytes, max_bytes: int, max_pixels: int, max_decode_bytes: int = _DEFAULT_DECODE_BYTES,
+                  budget: DecodeBudget | None = None) -> Iterator[NDArray[Any]]:
+    """Decode JPEG/PNG bytes to a BGR uint8 HxWx3 array, held within the decode budget for the ``with`` block.
+
+    The bytes the header says the decode needs (:func:`decode_cost`) are
+    reserved from ``budget`` (default: the process's shared budget of
+    ``max_decode_bytes``) before OpenCV runs, and given back when the block
+    ends: keep the image only inside it.
 
     Raises:
-        InputError: over a cap, not JPEG/PNG, zero-sized, or undecodable.
+        InputError: over a cap or the whole budget, not JPEG/PNG, zero-sized, or undecodable.
+        BusyError: the budget stayed full (other decodes) for its wait time.
     """
     if not data:
         raise InputError("empty image")
@@ -107,10 +132,29 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> NDArray[Any]:
         raise InputError(f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel cap")
     import cv2
 
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("image data is corrupt (OpenCV could not decode it)")
-    return image
+    with (budget or shared_budget(max_decode_bytes)).reserve(decode_cost(data), f"image of {width}x{height}"):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise InputError("image data is corrupt (OpenCV could not decode it)")
+        try:
+            yield image
+        finally:
+            del image  # the generator's reference: the bytes go back only once the caller's is gone too
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, max_decode_bytes: int = _DEFAULT_DECODE_BYTES,
+                 budget: DecodeBudget | None = None) -> NDArray[Any]:
+    """Decode JPEG/PNG bytes to a BGR uint8 HxWx3 array (see :func:`decoded_image`).
+
+    The budget is held while OpenCV decodes; the caller owns the image after
+    (prefer :func:`decoded_image` where the image is used and dropped at once).
+
+    Raises:
+        InputError: over a cap or the whole budget, not JPEG/PNG, zero-sized, or undecodable.
+        BusyError: the budget stayed full (other decodes) for its wait time.
+    """
+    with decoded_image(data, max_bytes, max_pixels, max_decode_bytes, budget) as image:
+        return image
 
 
 @dataclass(frozen=True)

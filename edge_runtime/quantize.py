@@ -250,7 +250,7 @@ def _tensor(data: bytes, info: TensorInfo, preprocessor: Preprocessor | None, li
         return array.astype(info.dtype, copy=False)
     if preprocessor is None:
         raise InputError("an image needs declared preprocessing (--spec or preprocess flags); or give .npy tensors")
-    image = decode_image(data, limits.max_image_bytes, limits.max_image_pixels)
+    image = decode_image(data, limits.max_image_bytes, limits.max_image_pixels, limits.max_decode_bytes)
     tensor, _ = preprocessor(image)
     return tensor
 
