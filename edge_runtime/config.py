@@ -70,8 +70,9 @@ class Limits:
     max_signature_bytes: int = field(default=64 << 10, metadata={"check": in_range(128, 1 << 20)})
     max_image_bytes: int = field(default=32 << 20, metadata={"check": in_range(1024, 1 << 32)})
     max_image_pixels: int = field(default=50_000_000, metadata={"check": in_range(1, 1 << 32)})
-    # All image decodes in flight at once, together (edge_runtime/decode_budget.py): sized for a 1 GB device.
-    max_decode_bytes: int = field(default=64 << 20, metadata={"check": in_range(1 << 20, 1 << 40)})
+    # All image decodes in flight at once, together (edge_runtime/decode_budget.py): an eighth of a 1 GB
+    # device, so a 12 MP photo (72 MB at 6 bytes a pixel, see preprocess.decode_cost) still decodes.
+    max_decode_bytes: int = field(default=128 << 20, metadata={"check": in_range(1 << 20, 1 << 40)})
 
 
 @dataclass(frozen=True)

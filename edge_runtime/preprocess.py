@@ -41,6 +41,7 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 # Progressive / hierarchical JPEG: libjpeg keeps every DCT coefficient (2 bytes per sample) until the last scan.
 _JPEG_MULTISCAN = {0xC2, 0xC6, 0xCA, 0xCE}
 _DEFAULT_DECODE_BYTES = Limits().max_decode_bytes
+_DECODE_BYTES_PER_PIXEL = 6  # see decode_cost
 
 
 def load_npy(data: bytes, max_bytes: int) -> NDArray[Any]:
@@ -65,15 +66,18 @@ def image_dimensions(data: bytes) -> tuple[int, int]:
 def decode_cost(data: bytes) -> int:
     """Bytes OpenCV will allocate to decode ``data`` (PNG/JPEG), read from its header only.
 
-    The BGR output (3 bytes a pixel), plus for a progressive or hierarchical
-    JPEG libjpeg's whole-image coefficient buffer (2 bytes per sample per
-    component). Other formats are refused, so nothing decodes unmeasured.
+    Twice the BGR output (measured with OpenCV 5.1: ``imdecode`` peaks at 2 x
+    3 bytes a pixel for PNG and JPEG alike; held through preprocessing, the
+    second half also covers a full-size colour conversion), plus for a
+    progressive or hierarchical JPEG libjpeg's whole-image coefficient buffer
+    (2 bytes per sample per component). Other formats are refused, so nothing
+    decodes unmeasured.
 
     Raises:
         InputError: not a PNG/JPEG, or the header is truncated.
     """
     width, height, extra_per_pixel = _image_header(data)
-    return width * height * (3 + extra_per_pixel)
+    return width * height * (_DECODE_BYTES_PER_PIXEL + extra_per_pixel)
 
 
 def _image_header(data: bytes) -> tuple[int, int, int]:

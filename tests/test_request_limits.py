@@ -180,9 +180,9 @@ def budget() -> Iterator[DecodeBudget]:
 
 
 def test_concurrent_big_decodes_stay_within_the_budget(service: InferenceService, budget: DecodeBudget) -> None:
-    png = _png(3000, 2000)  # 18 MB decoded; 8 at once would be 144 MB against a 64 MB budget
+    png = _png(3000, 2000)  # 36 MB to decode; 8 at once would be 288 MB against a 128 MB budget
     cost = decode_cost(png)
-    assert cost == 3000 * 2000 * 3 and 8 * cost > budget.capacity
+    assert cost == 3000 * 2000 * 6 and 8 * cost > budget.capacity
     srv = start(service, max_concurrency=8)
     try:
         barrier = threading.Barrier(8)
@@ -204,7 +204,7 @@ def test_concurrent_big_decodes_stay_within_the_budget(service: InferenceService
 def test_image_larger_than_the_whole_budget_is_400_and_a_full_budget_is_503(server: ApiServer,
                                                                             budget: DecodeBudget) -> None:
     conn = connect(server)
-    big = call(conn, "POST", FACE_INFER, _png(5000, 5000), {"Content-Type": "image/png"})  # 75 MB > 64 MB
+    big = call(conn, "POST", FACE_INFER, _png(5000, 5000), {"Content-Type": "image/png"})  # 150 MB > 128 MB
     assert big.status == 400 and "limits.max_decode_bytes" in big.error()
     budget.wait_seconds = 0.2
     with budget.reserve(budget.capacity - 1000, "the test's hold"):
