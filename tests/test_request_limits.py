@@ -13,14 +13,16 @@ import json
 import struct
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import test_api_server
+from cli_helpers import PPOCR_SPEC, cli, make_device
 from test_api_server import (
     FACE,
     HEADER_LENGTH,
@@ -35,6 +37,7 @@ from test_api_server import (
     start,
     still_answers,
 )
+from test_cli import pack_ppocr
 
 from edge_runtime.api_server import ApiServer
 from edge_runtime.config import Limits
@@ -222,3 +225,30 @@ def test_decode_budget_bounds_threads_decoding_directly() -> None:
         shapes = list(pool.map(lambda _: decode_image(png, 1 << 24, 1 << 24, budget=budget).shape, range(12)))
     assert shapes == [(1000, 1000, 3)] * 12
     assert decode_cost(png) <= budget.peak <= 2 * decode_cost(png) and budget.reserved == 0
+
+
+# --------------------------------------------------------------------------- the same checks on the CLI's paths
+
+
+def test_run_on_a_4_tb_npy_and_install_with_a_bomb_golden_file_are_one_line_refusals(
+        tmp_path: Path, keys: dict[str, Path], zoo: Callable[[str], Path]) -> None:
+    device = make_device(tmp_path, keys)
+    device.cli("models", "install", pack_ppocr(device, zoo, 1))
+    bomb = tmp_path / "bomb.npy"
+    bomb.write_bytes(_npy_header_only((10**12,)))
+    out = device.cli("run", bomb, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: {bomb}: tensor: shape [1000000000000] of 4-byte values "
+                                               "exceeds the 33554432-byte tensor cap (limits.max_image_bytes)"]
+    # A golden input that is the same bomb, in a validly signed bundle: the gate refuses it in one line.
+    spec = tmp_path / "ppocr.toml"
+    spec.write_text(PPOCR_SPEC)
+    expected = tmp_path / "expected.npy"
+    np.save(expected, np.zeros((1, 2), np.float32))
+    bundle = tmp_path / "bomb.bundle"
+    cli("bundle", "pack", "--model", zoo("ppocr_cls"), "--name", "ppocr-cls", "--version", 2, "--key", keys["a"],
+        "--spec", spec, "--golden", bomb, expected, "-o", bundle)
+    refused = device.cli("models", "install", bundle, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert "golden file" in refused.stderr and "tensor cap" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
