@@ -363,7 +363,8 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             raise InputError(f"{_HEADER_LENGTH} must be a byte count")
         request = decode_infer_request(body, None if raw is None else int(raw),
                                        {t.name: t for t in model.backend.inputs},
-                                       [t.name for t in model.backend.outputs])
+                                       [t.name for t in model.backend.outputs],
+                                       max_tensor_bytes=model.limits.max_image_bytes)
         served, outputs = self.context.service.infer(name, request.inputs)
         _check_version(name, version, served)
         reply, json_length = encode_infer_response(name, served, request, outputs)

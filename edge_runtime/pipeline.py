@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import PipelineConfig
-from .errors import CacheError, EdgeRuntimeError, InputError
+from .errors import BusyError, CacheError, EdgeRuntimeError, InputError
 from .events import EventBus
 from .metrics import Metrics
 from .progress import BEAT_SECONDS, Heartbeat
@@ -335,6 +335,14 @@ class Pipeline:
                     version, prediction = self.service.predict_image(self.model, payload)
             except InputError as e:
                 self._bad_input(key, e.one_line())
+                return
+            except BusyError as e:  # the decode budget is full (API traffic): a lossless item waits, is not lost
+                if not self.source.lossy:
+                    self.worker_progress.beat()
+                    if self._stopping.wait(_MODEL_RETRY_SECONDS):
+                        return  # stopping: left for the next start, as when the model is missing
+                    continue
+                self._inference_failed(key, e.one_line())
                 return
             except CacheError as e:
                 if self._wait_for_model(e):

@@ -2,10 +2,11 @@
 
 Decoding accepts only JPEG and PNG (their headers are checked for size before
 OpenCV decodes anything, so a pixel bomb is refused cheaply, and the bytes the
-decode needs are reserved from the process-wide decode budget first) and
-``.npy`` tensors (never pickles; :mod:`edge_runtime.tensor_limits`). All arithmetic is vectorised: OpenCV resize and
-colour conversion, then one fused multiply-add per channel in numpy. OpenCV is
-imported on first use (about 15 MB of RSS), so tensor-only models never load it.
+decode needs are first reserved from the process-wide decode budget,
+:mod:`edge_runtime.decode_budget`) and ``.npy`` tensors (never pickles;
+:mod:`edge_runtime.tensor_limits`). All arithmetic is vectorised: OpenCV resize
+and colour conversion, then one fused multiply-add per channel in numpy. OpenCV
+is imported on first use (about 15 MB of RSS), so tensor-only models never load it.
 """
 
 from __future__ import annotations

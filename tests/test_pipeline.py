@@ -20,6 +20,7 @@ from test_cli import pack_face
 
 from edge_runtime.backends.base import Backend
 from edge_runtime.config import Limits, PipelineConfig, SourceConfig, load_config
+from edge_runtime.decode_budget import shared_budget
 from edge_runtime.errors import InferenceError
 from edge_runtime.events import EventBus
 from edge_runtime.loaded_model import LoadedModel
@@ -210,6 +211,28 @@ def test_lossless_pipeline_waits_for_its_model_then_processes(tmp_path: Path, fa
     stop_and_check(pipeline)
     assert rig.results[0]["key"] == "early.jpg" and score(rig.results[0]) > 0.8
     assert len(rig.kinds("model_unavailable")) == 1 and len(rig.kinds("model_available")) == 1
+
+
+def test_lossless_pipeline_waits_for_a_full_decode_budget_then_processes(tmp_path: Path, face: LoadedModel,
+                                                                        hopper: np.ndarray) -> None:
+    # API traffic can hold the process-wide decode budget; a folder file must wait for it, not fail.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert cv2.imwrite(str(inbox / "early.jpg"), hopper)
+    rig = Rig(tmp_path, face)
+    budget = shared_budget(face.limits.max_decode_bytes)
+    wait, budget.wait_seconds = budget.wait_seconds, 0.1
+    try:
+        with budget.reserve(budget.capacity, "the test's hold"):
+            pipeline = rig.pipeline(folder(inbox))
+            pipeline.start()
+            time.sleep(1.0)  # several 0.1 s waits time out meanwhile
+            assert not rig.results and pipeline.alive
+        wait_for(lambda: len(rig.results) == 1, what="the held file once the budget is free")
+    finally:
+        budget.wait_seconds = wait
+    stop_and_check(pipeline)
+    assert rig.results[0]["key"] == "early.jpg" and score(rig.results[0]) > 0.8
 
 
 class FlakyBackend(Backend):
