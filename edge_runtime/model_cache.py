@@ -31,6 +31,7 @@ from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError,
 from .fsutil import fsync_dir, fsync_tree, read_capped, remove_tree
 from .manifest import Manifest, StagedBundle
 from .manifest_parse import parse_manifest
+from .staging_owner import sweep_staging
 from .state_store import StateStore
 
 __all__ = [
@@ -347,15 +348,23 @@ class ModelCache:
     def recover(self) -> list[str]:
         """Repair the cache at start-up; return one human-readable note per repair.
 
-        Empties staging and removes stray temp files, links and trash. For each
+        Removes staging entries of dead processes (:func:`sweep_staging`), stray
+        temp files, links and trash. For each
         model whose ``active`` is missing, corrupt, dangling, incomplete or fails
         its hashes, activates ``previous`` if valid, else the highest valid
         version, else removes ``active``. Drops a corrupt or redundant
         ``previous``; raises the stored floor to the highest installed version.
-        Call it before other processes use the state dir (staging is emptied).
         Raises CacheError: the state file is corrupt or the file system failed.
         """
         return recover_cache(self._layout, self.state, self.verify_version)
+
+    def sweep_staging(self) -> list[str]:
+        """Remove staging leftovers of dead processes (a killed CLI install); one note per entry.
+
+        Entries of live processes are kept. Raises CacheError: the file system failed.
+        """
+        with cache_errors(f"cannot clean {self._layout.staging}"):
+            return sweep_staging(self._layout.staging)
 
     # ------------------------------------------------------------------ helpers
 

@@ -27,6 +27,7 @@ from .fetcher import Fetcher
 from .http_fetcher import HttpFetcher
 from .model_store import ModelStore
 from .retry_policy import redact_url
+from .staging_owner import owner_tag
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
@@ -146,8 +147,10 @@ class OtaUpdater:
         """
         with self._busy:
             cache = self.store.cache
-            # A name derived from the URL lets a later attempt resume a cut download.
-            dest = cache.staging_root() / f"download-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bundle"
+            # A name derived from the URL lets a later attempt resume a cut download; the owner
+            # in it keeps another process's staging sweep off it while this one lives.
+            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            dest = cache.staging_root() / f"download-{key}.{owner_tag()}.bundle"
             where = redact_url(url)
             name, version = "", 0
             try:

@@ -74,9 +74,15 @@ class Context:
 
     @property
     def store(self) -> ModelStore:
-        """The model store over the configured state dir."""
+        """The model store over the configured state dir, staging swept.
+
+        Raises CacheError: the state dir is unusable.
+        """
         if self._store is None:
-            self._store = ModelStore(self.config)
+            store = ModelStore(self.config)
+            # The daemon sweeps at its start; a CLI command must not wait for one (issue 9 §6).
+            store.cache.sweep_staging()
+            self._store = store
         return self._store
 
 
