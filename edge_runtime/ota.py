@@ -28,6 +28,7 @@ from .http_fetcher import HttpFetcher
 from .model_store import ModelStore
 from .retry_policy import redact_url
 from .staging_owner import owner_tag
+from .state_recovery import keep_channel_document
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
@@ -122,6 +123,7 @@ class OtaUpdater:
                                 min_sequence=cache.state.load().channel_sequence, base_url=url)
         cache.state.update(
             lambda s: dataclasses.replace(s, channel_sequence=max(s.channel_sequence, channel.sequence)))
+        keep_channel_document(cache.state_dir, data, signature)  # proves the sequence if state.json is lost
         results = []
         for name, entry in sorted(channel.entries.items()):
             if entry.version <= cache.floor(name):
