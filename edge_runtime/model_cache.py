@@ -322,6 +322,17 @@ class ModelCache:
         Raises CacheError: the state is corrupt or the file system failed.
         """
         with self.state.locked(), cache_errors(f"cannot collect old versions of {name}"):
+            versions = self.removable_versions(name)
+            newest = set(self.versions(name)[-self.keep_versions :])
+            removed = [v for v in versions if v not in newest]
+            for version in removed:
+                self._remove(name, version)
+            return removed
+
+    def removable_versions(self, name: str) -> list[int]:
+        """Versions of ``name`` that may ever be deleted, oldest first: not active, previous, pinned
+        or a probation record's; none while a link is corrupt. Raises CacheError: the state is corrupt."""
+        with self.state.locked():
             try:
                 keep = {self.active_version(name), self.previous_version(name)}
             except CacheError:
@@ -330,20 +341,28 @@ class ModelCache:
             keep |= {model.pinned}
             if model.probation is not None:
                 keep |= {model.probation.version, model.probation.previous}
-            versions = self.versions(name)
-            keep |= set(versions[-self.keep_versions :])
-            ndir, removed = self._layout.name_dir(name), []
-            for version in (v for v in versions if v not in keep):
-                # Rename first: a crash mid-delete leaves a dot-entry that
-                # recover() removes, never a half-deleted "version" dir.
-                trash = ndir / f".trash-{version}-{os.getpid()}"
-                (ndir / str(version)).rename(trash)
-                fsync_dir(ndir)
-                self._fault("gc:trashed")
-                remove_tree(trash)
-                self._fault("gc:removed")
-                removed.append(version)
-            return removed
+            return [v for v in self.versions(name) if v not in keep]
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Delete one version that :meth:`removable_versions` lists (to make room before an install).
+
+        Raises CacheError: the version is not removable (any more), or the file system failed.
+        """
+        with self.state.locked(), cache_errors(f"cannot remove {name} v{version}"):
+            if version not in self.removable_versions(name):
+                raise CacheError(f"{name} v{version} is active, previous, pinned or on probation: kept")
+            self._remove(name, version)
+
+    def _remove(self, name: str, version: int) -> None:
+        ndir = self._layout.name_dir(name)
+        # Rename first: a crash mid-delete leaves a dot-entry that
+        # recover() removes, never a half-deleted "version" dir.
+        trash = ndir / f".trash-{version}-{os.getpid()}"
+        (ndir / str(version)).rename(trash)
+        fsync_dir(ndir)
+        self._fault("gc:trashed")
+        remove_tree(trash)
+        self._fault("gc:removed")
 
     def recover(self) -> list[str]:
         """Repair the cache at start-up; return one human-readable note per repair.

@@ -21,6 +21,7 @@ from .activation import Activator
 from .channel import parse_channel
 from .commands import pin_refusal, pinned_version
 from .config import OtaConfig
+from .disk_room import make_room_for_download
 from .errors import EdgeRuntimeError, FetchError
 from .events import EventBus
 from .fetcher import Fetcher
@@ -156,6 +157,7 @@ class OtaUpdater:
             where = redact_url(url)
             name, version = "", 0
             try:
+                make_room_for_download(cache, dest, expected_size)
                 self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
                                            expected_size=expected_size, expected_sha256=expected_sha256)
                 result = self.store.install(dest, activate=False, gates=False)
