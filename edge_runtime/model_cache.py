@@ -5,7 +5,8 @@ Layout under the state dir (directories 0700, files 0600)::
     models/<name>/<version>/      manifest.json, manifest.sig, payload; immutable
     models/<name>/active -> <v>   relative symlink, replaced by symlink + rename
     models/<name>/previous -> <v>
-    staging/<unique>/             verified bundles waiting to be installed
+    staging/<unique>/             verified bundles waiting to be installed, named by
+                                  their owning process (:mod:`edge_runtime.staging_owner`)
     state.json, state.lock        see :mod:`edge_runtime.state_store`
 
 Crash safety: every change is one rename (version dir into place, a link swap,
