@@ -48,6 +48,7 @@ from .manifest import Manifest, StagedBundle, validate_member_path
 from .manifest_parse import parse_manifest
 from .onnx_external import check_no_external_data
 from .signing import verify_threshold
+from .staging_owner import owner_tag
 from .tar_stream import MemberKind, TarMember, TarReader
 
 __all__ = [
@@ -211,7 +212,8 @@ def _new_staging_dir(staging_root: Path) -> Path:
     try:
         make_private_dir(staging_root)
         # mkdtemp: a unique name created with O_EXCL semantics and mode 0700.
-        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=staging_root))
+        # The owner in the name: a sweep by another process keeps it while we live.
+        return Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}.{owner_tag()}.", dir=staging_root))
     except OSError as e:
         raise BundleError(f"cannot create a staging dir under {staging_root}: {e.strerror or e}") from e
 

@@ -2,7 +2,7 @@
 
 Every cache change is ordered so that any prefix of it leaves a complete,
 hash-valid version active; what a crash can leave behind is removed here:
-staging leftovers, temp files, trash and stray dot-entries, and links that
+staging leftovers of dead processes, temp files, trash and stray dot-entries, and links that
 are missing, corrupt, dangling or point at a version that fails its hashes.
 """
 
@@ -16,6 +16,7 @@ from .cache_layout import CacheLayout, cache_errors, read_link
 from .errors import CacheError, EdgeRuntimeError
 from .fsutil import fsync_dir, remove_tree
 from .manifest import is_valid_name
+from .staging_owner import sweep_staging
 from .state_store import StateStore
 
 __all__ = ["recover_cache"]
@@ -32,11 +33,7 @@ def recover_cache(layout: CacheLayout, state: StateStore, verify: Verify) -> lis
     """
     notes: list[str] = []
     with state.locked(), cache_errors("cannot recover the model cache"):
-        with os.scandir(layout.staging) as it:
-            for entry in sorted(it, key=lambda e: e.name):
-                remove_tree(Path(entry.path))
-                notes.append(f"removed staging leftover {entry.name}")
-        fsync_dir(layout.staging)
+        notes += sweep_staging(layout.staging)  # a live CLI's install keeps its staging dir
         with os.scandir(layout.root) as it:
             for entry in it:
                 temp = entry.name[:1] == "." and entry.name.endswith(".tmp")

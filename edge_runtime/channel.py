@@ -47,6 +47,7 @@ __all__ = [
     "ChannelEntry",
     "build_channel",
     "parse_channel",
+    "verified_sequence",
 ]
 
 CHANNEL_SCHEMA = 1
@@ -116,6 +117,19 @@ def parse_channel(
         for name, e in raw_entries.items()
     }
     return Channel(sequence, expires, MappingProxyType(entries))
+
+
+def verified_sequence(
+    data: bytes, sig: bytes, *, trusted: Mapping[str, Ed25519PublicKey], threshold: int
+) -> int:
+    """The sequence of a channel document whose signatures verify, expired or not (state recovery).
+
+    Raises:
+        SignatureError: the signatures do not meet ``threshold`` with ``trusted``.
+        ManifestError: the document is not a valid channel document.
+    """
+    verify_threshold(data, sig, trusted, threshold)
+    return _decode(data)[0]
 
 
 def build_channel(

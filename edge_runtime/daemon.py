@@ -36,6 +36,7 @@ from .runtime_settings import RuntimeSettings
 from .sdnotify import Notifier
 from .serving import InferenceService
 from .sources import MqttInputs, Source, build_source
+from .state_recovery import LOST, recover_state
 
 if TYPE_CHECKING:
     from .mqtt_bridge import MqttBridge
@@ -100,6 +101,11 @@ class Daemon:
         """Start everything in order. Raises EdgeRuntimeError/OSError if a part cannot start."""
         make_private_dir(self.config.state_dir)
         self._instance.acquire()  # before anything touches the cache: a second daemon refuses here
+        recovery = recover_state(self.store.cache, self.store.trusted_keys, self.config.trust.threshold)
+        if recovery is not None:
+            _log.warning("%s", recovery.one_line())
+            self.events.emit("state_recovered", reason=recovery.one_line(), floors=dict(recovery.floors),
+                             channel_sequence=recovery.channel_sequence, lost=list(LOST))
         for note in self.store.cache.recover():
             self.events.emit("recovered", reason=note)
         names = set(self.store.cache.names()) | {p.model for p in self.config.pipelines}

@@ -5,7 +5,8 @@ Layout under the state dir (directories 0700, files 0600)::
     models/<name>/<version>/      manifest.json, manifest.sig, payload; immutable
     models/<name>/active -> <v>   relative symlink, replaced by symlink + rename
     models/<name>/previous -> <v>
-    staging/<unique>/             verified bundles waiting to be installed
+    staging/<unique>/             verified bundles waiting to be installed, named by
+                                  their owning process (:mod:`edge_runtime.staging_owner`)
     state.json, state.lock        see :mod:`edge_runtime.state_store`
 
 Crash safety: every change is one rename (version dir into place, a link swap,
@@ -31,6 +32,7 @@ from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError,
 from .fsutil import fsync_dir, fsync_tree, read_capped, remove_tree
 from .manifest import Manifest, StagedBundle
 from .manifest_parse import parse_manifest
+from .staging_owner import sweep_staging
 from .state_store import StateStore
 
 __all__ = [
@@ -321,6 +323,17 @@ class ModelCache:
         Raises CacheError: the state is corrupt or the file system failed.
         """
         with self.state.locked(), cache_errors(f"cannot collect old versions of {name}"):
+            versions = self.removable_versions(name)
+            newest = set(self.versions(name)[-self.keep_versions :])
+            removed = [v for v in versions if v not in newest]
+            for version in removed:
+                self._remove(name, version)
+            return removed
+
+    def removable_versions(self, name: str) -> list[int]:
+        """Versions of ``name`` that may ever be deleted, oldest first: not active, previous, pinned
+        or a probation record's; none while a link is corrupt. Raises CacheError: the state is corrupt."""
+        with self.state.locked():
             try:
                 keep = {self.active_version(name), self.previous_version(name)}
             except CacheError:
@@ -329,33 +342,49 @@ class ModelCache:
             keep |= {model.pinned}
             if model.probation is not None:
                 keep |= {model.probation.version, model.probation.previous}
-            versions = self.versions(name)
-            keep |= set(versions[-self.keep_versions :])
-            ndir, removed = self._layout.name_dir(name), []
-            for version in (v for v in versions if v not in keep):
-                # Rename first: a crash mid-delete leaves a dot-entry that
-                # recover() removes, never a half-deleted "version" dir.
-                trash = ndir / f".trash-{version}-{os.getpid()}"
-                (ndir / str(version)).rename(trash)
-                fsync_dir(ndir)
-                self._fault("gc:trashed")
-                remove_tree(trash)
-                self._fault("gc:removed")
-                removed.append(version)
-            return removed
+            return [v for v in self.versions(name) if v not in keep]
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Delete one version that :meth:`removable_versions` lists (to make room before an install).
+
+        Raises CacheError: the version is not removable (any more), or the file system failed.
+        """
+        with self.state.locked(), cache_errors(f"cannot remove {name} v{version}"):
+            if version not in self.removable_versions(name):
+                raise CacheError(f"{name} v{version} is active, previous, pinned or on probation: kept")
+            self._remove(name, version)
+
+    def _remove(self, name: str, version: int) -> None:
+        ndir = self._layout.name_dir(name)
+        # Rename first: a crash mid-delete leaves a dot-entry that
+        # recover() removes, never a half-deleted "version" dir.
+        trash = ndir / f".trash-{version}-{os.getpid()}"
+        (ndir / str(version)).rename(trash)
+        fsync_dir(ndir)
+        self._fault("gc:trashed")
+        remove_tree(trash)
+        self._fault("gc:removed")
 
     def recover(self) -> list[str]:
         """Repair the cache at start-up; return one human-readable note per repair.
 
-        Empties staging and removes stray temp files, links and trash. For each
+        Removes staging entries of dead processes (:func:`sweep_staging`), stray
+        temp files, links and trash. For each
         model whose ``active`` is missing, corrupt, dangling, incomplete or fails
         its hashes, activates ``previous`` if valid, else the highest valid
         version, else removes ``active``. Drops a corrupt or redundant
         ``previous``; raises the stored floor to the highest installed version.
-        Call it before other processes use the state dir (staging is emptied).
         Raises CacheError: the state file is corrupt or the file system failed.
         """
         return recover_cache(self._layout, self.state, self.verify_version)
+
+    def sweep_staging(self) -> list[str]:
+        """Remove staging leftovers of dead processes (a killed CLI install); one note per entry.
+
+        Entries of live processes are kept. Raises CacheError: the file system failed.
+        """
+        with cache_errors(f"cannot clean {self._layout.staging}"):
+            return sweep_staging(self._layout.staging)
 
     # ------------------------------------------------------------------ helpers
 

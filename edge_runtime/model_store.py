@@ -18,6 +18,7 @@ from . import __version__
 from .backends.base import BackendOptions
 from .bundle_reader import read_bundle
 from .config import Config
+from .disk_room import make_room
 from .errors import CacheError, RollbackError
 from .fsutil import remove_tree
 from .gates import GateReport, check_gates
@@ -80,6 +81,7 @@ class ModelStore:
         Raises:
             RollbackError: version not above the anti-rollback floor.
             IncompatibleError: runtime/hardware requirement unmet, or expired.
+            CacheError: too little disk space, even with old versions removed.
         """
         floor = self.cache.floor(manifest.name)
         if manifest.version <= floor:
@@ -88,6 +90,8 @@ class ModelStore:
             )
         check_requirements(manifest, device_tags=self.device_tags(), runtime_version=__version__,
                            now=self.clock())
+        # Before the staging dir is written: an old version may have to go first (issue 9 §6).
+        make_room(self.cache, sum(f.size for f in manifest.files.values()), prefer=manifest.name)
 
     # ------------------------------------------------------------------ bundles
 

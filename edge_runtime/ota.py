@@ -21,12 +21,15 @@ from .activation import Activator
 from .channel import parse_channel
 from .commands import pin_refusal, pinned_version
 from .config import OtaConfig
+from .disk_room import make_room_for_download
 from .errors import EdgeRuntimeError, FetchError
 from .events import EventBus
 from .fetcher import Fetcher
 from .http_fetcher import HttpFetcher
 from .model_store import ModelStore
 from .retry_policy import redact_url
+from .staging_owner import owner_tag
+from .state_recovery import keep_channel_document
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
@@ -121,6 +124,7 @@ class OtaUpdater:
                                 min_sequence=cache.state.load().channel_sequence, base_url=url)
         cache.state.update(
             lambda s: dataclasses.replace(s, channel_sequence=max(s.channel_sequence, channel.sequence)))
+        keep_channel_document(cache.state_dir, data, signature)  # proves the sequence if state.json is lost
         results = []
         for name, entry in sorted(channel.entries.items()):
             if entry.version <= cache.floor(name):
@@ -146,11 +150,14 @@ class OtaUpdater:
         """
         with self._busy:
             cache = self.store.cache
-            # A name derived from the URL lets a later attempt resume a cut download.
-            dest = cache.staging_root() / f"download-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bundle"
+            # A name derived from the URL lets a later attempt resume a cut download; the owner
+            # in it keeps another process's staging sweep off it while this one lives.
+            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            dest = cache.staging_root() / f"download-{key}.{owner_tag()}.bundle"
             where = redact_url(url)
             name, version = "", 0
             try:
+                make_room_for_download(cache, dest, expected_size)
                 self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
                                            expected_size=expected_size, expected_sha256=expected_sha256)
                 result = self.store.install(dest, activate=False, gates=False)

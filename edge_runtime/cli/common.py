@@ -13,6 +13,7 @@ from typing import Any
 from ..config import DEFAULT_CONFIG_PATH, Config, load_config
 from ..errors import ConfigError, EdgeRuntimeError
 from ..model_store import ModelStore
+from ..state_recovery import recover_state
 from ..typed_toml import load_toml
 
 __all__ = ["Context", "add_common_options", "emit", "report_errors", "verb_parser"]
@@ -74,9 +75,18 @@ class Context:
 
     @property
     def store(self) -> ModelStore:
-        """The model store over the configured state dir."""
+        """The model store over the configured state dir, its state file recovered and staging swept.
+
+        Raises CacheError: the state dir is unusable.
+        """
         if self._store is None:
-            self._store = ModelStore(self.config)
+            store = ModelStore(self.config)
+            # The daemon does both at its start; a CLI command must not wait for one (issue 9 §6).
+            recovery = recover_state(store.cache, store.trusted_keys, self.config.trust.threshold)
+            if recovery is not None:
+                print(f"warning: {recovery.one_line()}", file=sys.stderr)
+            store.cache.sweep_staging()
+            self._store = store
         return self._store
 
 
