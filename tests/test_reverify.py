@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import PPOCR_SPEC, Device, cli, make_device
-from daemon_helpers import Serve, pack_onnx, ppocr_input, write_config
+from daemon_helpers import Serve, pack_onnx, ppocr_input, wait_for, write_config
 
 from edge_runtime.activation import Activator
 from edge_runtime.config import ActivationConfig, Config
-from edge_runtime.errors import SignatureError
+from edge_runtime.errors import IntegrityError, SignatureError
 from edge_runtime.events import EventBus
 from edge_runtime.manifest import Gates
 from edge_runtime.metrics import Metrics
@@ -151,6 +151,24 @@ def test_a_missing_trust_dir_is_one_config_error_and_changes_nothing(tmp_path: P
     assert device.models()[0]["active"] == 1
 
 
+def test_serve_stays_up_when_no_version_verifies(tmp_path: Path, keys: dict[str, Path], zoo: Zoo) -> None:
+    config, state, port = write_config(tmp_path / "dev", keys["trust_dir"])
+    for version in (1, 2):
+        cli("models", "install", pack(tmp_path, zoo, version, keys["b"]), "--config", config)
+    (keys["trust_dir"] / "b.pub").unlink()
+    serve = Serve(config, state, port).start()
+    try:
+        event = wait_for(lambda: serve.events("rollback_failed"), 30, "rollback_failed")[0]
+        assert event["version"] == 1  # the fallback that failed too
+        assert event["reason"].startswith(f"v2 failed to load: ppocr-cls v2 {SIGNATURE_NOW}")
+        assert f"ppocr-cls v1 {SIGNATURE_NOW}" in event["reason"]
+        wait_for(lambda: serve.get("/v2/health/live")[0] == 200, 30, "the API to answer")
+        assert serve.served_version() is None  # nothing untrusted is served, and the daemon lives
+    finally:
+        assert serve.terminate() == 0
+    assert "Traceback" not in serve.stderr()
+
+
 class Rig:
     """One process: store + service + activator; v1 (signed by a) serving, v2 (signed by b) cached."""
 
@@ -199,3 +217,35 @@ def test_reload_of_an_altered_active_manifest_keeps_the_old_model(tmp_path: Path
     assert rig.activator.sync() == []  # SIGHUP
     assert f"ppocr-cls v2 {SIGNATURE_NOW}: signature by key" in rig.reasons("load_failed")[0]
     assert rig.served() == 1
+
+
+@pytest.mark.parametrize("plant", ["missing", "symlink", "oversized"])
+def test_a_tampered_manifest_sig_file_is_refused_in_one_line(tmp_path: Path, keys: dict[str, Path], zoo: Zoo,
+                                                            plant: str) -> None:
+    rig = Rig(tmp_path, keys, zoo)
+    sig = rig.store.cache.version_dir("ppocr-cls", 1) / "manifest.sig"
+    good = tmp_path / "good.sig"
+    good.write_bytes(sig.read_bytes())
+    sig.unlink()
+    if plant == "symlink":  # a valid signature, but through a link out of the cache: never followed
+        sig.symlink_to(good)
+    elif plant == "oversized":
+        sig.write_bytes(b" " * (rig.store.config.limits.max_signature_bytes + 1))
+    with pytest.raises(SignatureError, match=r"ppocr-cls v1 manifest signature: .*manifest.sig is unreadable"):
+        rig.store.cache.verify_version("ppocr-cls", 1)
+    with pytest.raises(SignatureError):
+        rig.store.load("ppocr-cls", 1)
+    sig.unlink(missing_ok=True)
+    sig.write_bytes(good.read_bytes())
+    rig.store.cache.verify_version("ppocr-cls", 1)
+
+
+def test_a_linked_manifest_is_refused(tmp_path: Path, keys: dict[str, Path], zoo: Zoo) -> None:
+    rig = Rig(tmp_path, keys, zoo)
+    manifest = rig.store.cache.version_dir("ppocr-cls", 1) / "manifest.json"
+    copy = tmp_path / "manifest.json"
+    copy.write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(copy)
+    with pytest.raises(IntegrityError, match=r"manifest\.json: unreadable"):
+        rig.store.cache.verify_version("ppocr-cls", 1)
