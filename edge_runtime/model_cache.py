@@ -151,11 +151,11 @@ class ModelCache:
         """
         return max(self.state.load().model(name).highest, *self.versions(name), 0)
 
-    def verified_manifest(self, name: str, version: int) -> VerifiedManifest:
-        """Read a cached version's manifest again from disk, re-checking its signature.
+    def manifest(self, name: str, version: int) -> Manifest:
+        """Read a cached version's manifest again from disk (size-capped, no symlinks).
 
-        The signature is checked with the keys trusted now (when the cache has
-        a :class:`Trust`) and the manifest is parsed from the very bytes checked.
+        With a :class:`Trust` its signature is re-checked with the keys trusted
+        now, and the manifest is parsed from the very bytes checked.
 
         Raises:
             CacheError: the version is not in the cache.
@@ -163,11 +163,7 @@ class ModelCache:
             ConfigError: the trust dir is missing or holds an invalid key.
             IntegrityError: unreadable, too large, invalid, or for another name/version.
         """
-        return self._read_manifest(name, version, self._trust)
-
-    def manifest(self, name: str, version: int) -> Manifest:
-        """The manifest of :meth:`verified_manifest` (same checks, same errors)."""
-        return self.verified_manifest(name, version).manifest
+        return self._read_manifest(name, version, self._trust).manifest
 
     def verify_version(self, name: str, version: int) -> Manifest:
         """Re-check a cached version: manifest signature (keys trusted now), file list, every hash.
@@ -176,7 +172,7 @@ class ModelCache:
 
         Raises:
             CacheError: the version is not in the cache.
-            SignatureError, ConfigError: see :meth:`verified_manifest`.
+            SignatureError, ConfigError: see :meth:`manifest`.
             IntegrityError: a file is missing, extra, a link, unreadable, or its
                 size or sha256 differs (bit rot); the message names the file.
         """
