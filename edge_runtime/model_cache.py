@@ -28,10 +28,11 @@ from pathlib import Path
 
 from .cache_layout import CacheLayout, Fault, cache_errors, check_hashes, check_layout, read_link
 from .cache_recovery import recover_cache
-from .errors import CacheError, EdgeRuntimeError, IntegrityError, ManifestError, RollbackError
-from .fsutil import fsync_dir, fsync_tree, read_capped, remove_tree
+from .errors import CacheError, ConfigError, EdgeRuntimeError, IntegrityError, RollbackError
+from .fsutil import fsync_dir, fsync_tree, remove_tree
 from .manifest import Manifest, StagedBundle
 from .manifest_parse import parse_manifest
+from .reverify import Trust, VerifiedManifest, read_verified_manifest
 from .staging_owner import sweep_staging
 from .state_store import StateStore
 
@@ -95,8 +96,14 @@ class ModelCache:
         fault: Fault | None = None,
         *,
         max_manifest_bytes: int = 1 << 20,
+        max_signature_bytes: int = 64 << 10,
+        trust: Trust | None = None,
     ) -> None:
         """Open the cache under ``state_dir``, creating its dirs 0700.
+
+        With ``trust`` every manifest read from the cache (load, activate,
+        rollback, verify) has its signature re-checked with the keys trusted
+        at that moment; without it (bare tools, tests) only its hashes are.
 
         Raises CacheError: ``keep_versions`` < 1, or a dir is a symlink or cannot be created.
         """
@@ -107,6 +114,8 @@ class ModelCache:
         self.state_dir = state_dir
         self._fault = fault or _no_fault
         self._max_manifest = max_manifest_bytes
+        self._max_signature = max_signature_bytes
+        self._trust = trust
         self._layout = CacheLayout(state_dir, self._fault)
 
     # ------------------------------------------------------------------ queries
@@ -145,44 +154,45 @@ class ModelCache:
         return max(self.state.load().model(name).highest, *self.versions(name), 0)
 
     def manifest(self, name: str, version: int) -> Manifest:
-        """Parse a cached version's manifest.json again from disk (size-capped).
+        """Read a cached version's manifest again from disk (size-capped, no symlinks).
+
+        With a :class:`Trust` its signature is re-checked with the keys trusted
+        now, and the manifest is parsed from the very bytes checked.
 
         Raises:
             CacheError: the version is not in the cache.
+            SignatureError: the signature does not verify with the keys trusted now.
+            ConfigError: the trust dir is missing or holds an invalid key.
             IntegrityError: unreadable, too large, invalid, or for another name/version.
         """
-        path = self._layout.require_cached(name, version) / "manifest.json"
-        try:
-            manifest = parse_manifest(read_capped(path, self._max_manifest))
-        except OSError as e:
-            raise IntegrityError(f"{path}: unreadable: {e.strerror or e}") from e
-        except ManifestError as e:
-            raise IntegrityError(f"{path}: {e}") from e
-        if (manifest.name, manifest.version) != (name, version):
-            raise IntegrityError(f"{path}: is for {manifest.name} v{manifest.version}, not {name} v{version}")
-        return manifest
+        return self._read_manifest(name, version, self._trust).manifest
 
-    def verify_version(self, name: str, version: int) -> None:
-        """Re-hash every file of a cached version against its manifest.
+    def verify_version(self, name: str, version: int) -> Manifest:
+        """Re-check a cached version: manifest signature (keys trusted now), file list, every hash.
+
+        Returns the verified manifest.
 
         Raises:
             CacheError: the version is not in the cache.
+            SignatureError, ConfigError: see :meth:`manifest`.
             IntegrityError: a file is missing, extra, a link, unreadable, or its
                 size or sha256 differs (bit rot); the message names the file.
         """
-        vdir = self._layout.require_cached(name, version)
-        manifest = self.manifest(name, version)
-        check_layout(vdir, manifest)
-        check_hashes(vdir, manifest)
+        return self._check_files(name, version, self._trust)
 
     def verify_all(self) -> list[tuple[str, int, EdgeRuntimeError | None]]:
-        """``verify_version`` each cached version: (name, version, error or None)."""
+        """``verify_version`` each cached version: (name, version, error or None).
+
+        Raises ConfigError: the trust dir is unusable (no version can be judged).
+        """
         results: list[tuple[str, int, EdgeRuntimeError | None]] = []
         for name in self.names():
             for version in self.versions(name):
                 try:
                     self.verify_version(name, version)
                     results.append((name, version, None))
+                except ConfigError:
+                    raise
                 except EdgeRuntimeError as e:
                     results.append((name, version, e))
         return results
@@ -275,17 +285,18 @@ class ModelCache:
     def activate(self, name: str, version: int, *, check: Check | None = None) -> None:
         """Make a cached version active (operator action: no anti-rollback).
 
-        It is re-hashed and ``check(dir, manifest)`` runs before the links
-        change; the old active becomes ``previous``.
+        Its signature and hashes are re-checked (:meth:`verify_version`) and
+        ``check(dir, manifest)`` runs on that verified manifest before the
+        links change; the old active becomes ``previous``.
 
         Raises:
             CacheError: not in the cache, or the file system failed.
-            IntegrityError: the version fails verification.
+            SignatureError, ConfigError, IntegrityError: the version fails verification.
             Whatever ``check`` raises.
         """
-        self.verify_version(name, version)
+        manifest = self.verify_version(name, version)
         if check is not None:
-            check(self.version_dir(name, version), self.manifest(name, version))
+            check(self.version_dir(name, version), manifest)
         with self.state.locked():
             self._layout.require_cached(name, version)  # gc may have run while check did
             self._switch(name, version, "activate")
@@ -298,7 +309,7 @@ class ModelCache:
 
         Raises:
             CacheError: no previous version, not in the cache, or fs failure.
-            IntegrityError: the target fails verification.
+            SignatureError, ConfigError, IntegrityError: the target fails verification.
         """
         with self.state.locked():
             target = self.previous_version(name) if version is None else version
@@ -376,7 +387,10 @@ class ModelCache:
         ``previous``; raises the stored floor to the highest installed version.
         Raises CacheError: the state file is corrupt or the file system failed.
         """
-        return recover_cache(self._layout, self.state, self.verify_version)
+        # Hashes only: recovery repairs what a crash leaves. Whether a version is still
+        # trusted is judged when it is loaded, where a failure falls back with an event
+        # and a trust dir that is broken for a while does not make it drop the links.
+        return recover_cache(self._layout, self.state, self._verify_hashes)
 
     def sweep_staging(self) -> list[str]:
         """Remove staging leftovers of dead processes (a killed CLI install); one note per entry.
@@ -387,6 +401,21 @@ class ModelCache:
             return sweep_staging(self._layout.staging)
 
     # ------------------------------------------------------------------ helpers
+
+    def _read_manifest(self, name: str, version: int, trust: Trust | None) -> VerifiedManifest:
+        vdir = self._layout.require_cached(name, version)
+        return read_verified_manifest(vdir, name, version, trust=trust, max_manifest_bytes=self._max_manifest,
+                                      max_signature_bytes=self._max_signature)
+
+    def _verify_hashes(self, name: str, version: int) -> None:
+        self._check_files(name, version, None)
+
+    def _check_files(self, name: str, version: int, trust: Trust | None) -> Manifest:
+        manifest = self._read_manifest(name, version, trust).manifest
+        vdir = self._layout.version_dir(name, version)
+        check_layout(vdir, manifest)
+        check_hashes(vdir, manifest)
+        return manifest
 
     def _switch(self, name: str, target: int, op: str) -> None:
         """Under the lock: previous -> current active, then active -> ``target``."""

@@ -26,6 +26,7 @@ from .loaded_model import LoadedModel
 from .manifest import Manifest, StagedBundle
 from .model_cache import Check, Fault, ModelCache
 from .requirements_check import check_requirements, device_tags
+from .reverify import Trust
 from .signing import load_trusted_keys
 
 __all__ = ["InstallResult", "ModelStore"]
@@ -49,8 +50,11 @@ class ModelStore:
     def __init__(self, config: Config, *, fault: Fault | None = None,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
         self.config = config
+        # The cache re-verifies every manifest it reads with the keys trusted at that moment.
         self.cache = ModelCache(config.state_dir, config.keep_versions, fault,
-                                max_manifest_bytes=config.limits.max_manifest_bytes)
+                                max_manifest_bytes=config.limits.max_manifest_bytes,
+                                max_signature_bytes=config.limits.max_signature_bytes,
+                                trust=Trust(config.trust_dir, config.trust.threshold))
         self.clock = clock
 
     # ------------------------------------------------------------------ plumbing
@@ -107,10 +111,16 @@ class ModelStore:
 
     def load(self, name: str, version: int | None = None, *, directory: Path | None = None,
              manifest: Manifest | None = None) -> LoadedModel:
-        """Load a cached version (default: the active one), re-hashing its files.
+        """Load a cached version (default: the active one), re-verifying it first.
+
+        Its manifest signature is re-checked with the keys trusted now and the
+        manifest is parsed from the bytes checked; then the model and labels
+        files are re-hashed against it (:class:`LoadedModel`). A candidate
+        given as ``directory`` + ``manifest`` (staging) was verified by the caller.
 
         Raises:
             CacheError: no such model/version, or nothing active.
+            SignatureError, ConfigError: the manifest does not verify with the keys trusted now.
             IntegrityError, ModelError, ManifestError: see :class:`LoadedModel`.
         """
         if directory is None or manifest is None:

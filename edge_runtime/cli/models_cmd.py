@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands import pin_refusal
-from ..errors import CacheError
+from ..errors import CacheError, EdgeRuntimeError, SignatureError
 from ..gates import GateReport
 from .common import Context, emit, verb_parser
 
@@ -66,14 +66,19 @@ def _rollback(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_line(name: str, version: int, error: EdgeRuntimeError | None) -> str:
+    if error is None:
+        return f"{name} v{version}: ok"
+    # A version signed by a key no longer trusted is not corrupt, but it is not served either.
+    label = "UNTRUSTED" if isinstance(error, SignatureError) else "CORRUPT"
+    return f"{name} v{version}: {label}: {error.one_line()}"
+
+
 def _verify(ctx: Context, args: argparse.Namespace) -> int:
     results = ctx.store.cache.verify_all()
-    bad = [(n, v, e) for n, v, e in results if e is not None]
     rows = [{"name": n, "version": v, "ok": e is None, "error": e.one_line() if e else None} for n, v, e in results]
-    text = "\n".join(f"{r['name']} v{r['version']}: {'ok' if r['ok'] else 'CORRUPT: ' + str(r['error'])}"
-                     for r in rows)
-    emit(ctx, rows, text or "no models installed")
-    return 1 if bad else 0
+    emit(ctx, rows, "\n".join(_verify_line(*r) for r in results) or "no models installed")
+    return 1 if any(e is not None for _, _, e in results) else 0
 
 
 def register(verbs: Any) -> None:
@@ -101,5 +106,6 @@ def register(verbs: Any) -> None:
     p.add_argument("--to", type=int, default=None, metavar="VERSION")
     p.set_defaults(handler=_rollback)
 
-    p = verb_parser(sub, "verify", "re-hash every cached file against its signed manifest")
+    p = verb_parser(sub, "verify", "re-check every cached version: manifest signature with the keys "
+                                   "trusted now, file list, every hash")
     p.set_defaults(handler=_verify)
