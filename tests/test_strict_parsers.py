@@ -292,6 +292,12 @@ def _broker() -> None:
     broker("broker:¹⁸⁸³")
 
 
+def _bench_shape() -> None:
+    from edge_runtime.cli.tools_cmd import _shape
+
+    _shape("1,\u0663,48,192")
+
+
 def _fleet_watch() -> None:
     from edge_runtime.fleet import classify
     from edge_runtime.mqtt_parts import Message
@@ -334,6 +340,8 @@ PLACES: list[tuple[str, Callable[[Path], object], type[Exception] | None, str]] 
      r"requires\.runtime '>=\u0663\.0' must be"),
     ("systemd WATCHDOG_USEC='²'", lambda t: _watchdog(), None, ""),
     ("fleet --broker port '¹⁸⁸³'", lambda t: _broker(), argparse.ArgumentTypeError, "must be HOST:PORT"),
+    ("bench --shape in another script", lambda t: _bench_shape(), argparse.ArgumentTypeError,
+     "expected comma-separated integers"),
 ]
 
 
