@@ -97,7 +97,7 @@ class Reply:
         Raises:
             CommandError: not strict JSON, or not a reply document.
         """
-        doc = load_json(data, "stored reply", error=CommandError)
+        doc = load_json(data, "reply", error=CommandError)
         if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("data"), dict):
             raise CommandError("stored reply is not a reply document")
         reply_id = doc.get("id")

@@ -326,7 +326,7 @@ PLACES: list[tuple[str, Callable[[Path], object], type[Exception] | None, str]] 
      r"^manifest\.sig repeats the key 'keyid'$"),
     ("state.json: key twice", _state, CacheError,
      r"state file is corrupt \(state file repeats the key 'models'\)"),
-    ("fleet reply: key twice", lambda t: _reply(), CommandError, r"^stored reply repeats the key 'ok'$"),
+    ("fleet reply: key twice", lambda t: _reply(), CommandError, r"^reply repeats the key 'ok'$"),
     ("fleet watch: key twice shown as text", lambda t: _fleet_watch(), None, ""),
     ("API body: key twice", lambda t: _api_body(), InputError, r"^request body repeats the key 'inputs'$"),
     ("API body: UTF-16", lambda t: _api_utf16(), InputError, r"^request body is not valid UTF-8"),
