@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import stat
 import tempfile
@@ -49,6 +48,7 @@ from .manifest_parse import parse_manifest
 from .onnx_external import check_no_external_data
 from .signing import verify_threshold
 from .staging_owner import owner_tag
+from .strict_text import load_json
 from .tar_stream import MemberKind, TarMember, TarReader
 
 __all__ = [
@@ -130,15 +130,14 @@ def inspect_bundle(path: Path, limits: Limits) -> BundleInfo:
         BundleError: unreadable, empty, not a tar, or truncated.
         SizeLimitError: the file, manifest or signature is over its cap.
         ManifestError: the first two members are not manifest.json, manifest.sig.
-        SignatureError: the signature document is not a list of signatures.
+        SignatureError: the signature document is not strict JSON listing signatures.
     """
     with _open_bundle(path, limits) as (fh, size):
         manifest_bytes, signature_bytes = _read_head(TarReader(fh, size), limits)
+    doc = load_json(signature_bytes, "manifest.sig", error=SignatureError)
     try:
-        doc = json.loads(signature_bytes.decode("utf-8"))
-        entries = doc["signatures"]
-        key_ids = tuple(str(entry["keyid"]) for entry in entries)
-    except (UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as e:
+        key_ids = tuple(str(entry["keyid"]) for entry in doc["signatures"])
+    except (KeyError, TypeError) as e:
         raise SignatureError("manifest.sig is not a signature document") from e
     return BundleInfo(manifest_bytes, signature_bytes, key_ids, size)
 

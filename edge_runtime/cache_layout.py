@@ -47,7 +47,7 @@ def read_link(link: Path) -> int | None:
         return None
     except OSError as e:
         raise CacheError(f"{link} is corrupt: not a symlink ({e.strerror})") from e
-    if not _VERSION_RE.match(target):
+    if not _VERSION_RE.fullmatch(target):
         raise CacheError(f"{link} is corrupt: target {target!r} is not a bare version number")
     return int(target)
 
@@ -108,7 +108,7 @@ class CacheLayout:
             return []
         with cache_errors(f"cannot list {ndir}"), os.scandir(ndir) as it:
             return sorted(
-                int(e.name) for e in it if _VERSION_RE.match(e.name) and e.is_dir(follow_symlinks=False)
+                int(e.name) for e in it if _VERSION_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
             )
 
     def name_dir(self, name: str) -> Path:
@@ -129,7 +129,7 @@ class CacheLayout:
 
     def version_dir(self, name: str, version: int) -> Path:
         """The directory of ``name`` ``version``, existing or not. Raises CacheError if either is invalid."""
-        if isinstance(version, bool) or not isinstance(version, int) or not _VERSION_RE.match(str(version)):
+        if isinstance(version, bool) or not isinstance(version, int) or not _VERSION_RE.fullmatch(str(version)):
             raise CacheError(f"model version {version!r} is not valid")
         return self.name_dir(name) / str(version)
 

@@ -37,7 +37,7 @@ from .errors import IncompatibleError, ManifestError
 from .manifest import NAME_PATTERN, is_sha256_hex, is_valid_name
 from .requirements_check import format_timestamp, parse_timestamp
 from .signing import verify_threshold
-from .strict_json import unique_keys
+from .strict_text import load_json
 
 __all__ = [
     "CHANNEL_FILE",
@@ -188,9 +188,6 @@ def _resolve(base_url: str, url: str, name: str) -> str:
     return resolved
 
 
-_UNIQUE_KEYS = unique_keys(lambda problem: ManifestError(f"channel document {problem}"))
-
-
 def _fields(obj: object, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ManifestError(f"{where} must be an object")
@@ -218,10 +215,7 @@ def _str(obj: dict[str, Any], key: str, where: str) -> str:
 
 
 def _decode(data: bytes) -> tuple[int, datetime, dict[str, ChannelEntry]]:
-    try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_UNIQUE_KEYS)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"channel document is not valid UTF-8 JSON: {e}") from e
+    doc = load_json(data, "channel document", error=ManifestError)
     top = _fields(doc, "channel", ("schema", "sequence", "expires", "models"))
     schema = _int(top, "schema", "channel", 1, 1000)
     if schema != CHANNEL_SCHEMA:

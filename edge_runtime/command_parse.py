@@ -21,7 +21,6 @@ An ``id`` is 1 to 128 printable ASCII characters without space, ``/``, ``+``,
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import CommandError
-from .strict_json import unique_keys
+from .strict_text import load_json
 
 __all__ = [
     "VERBS",
@@ -47,9 +46,6 @@ VERBS = ("ping", "status", "update", "rollback", "pin", "unpin", "config", "relo
 
 MAX_ID_CHARS = 128
 _ID_RE = re.compile(r'[!$-*,-.0-\[\]-~]{1,128}')  # printable ASCII minus space " # + / \
-_MAX_INT_DIGITS = 20
-# A whole JSON string (escapes included) or one bracket: brackets inside strings never count.
-_DEPTH_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 # The id of a plain payload ("id": "x") or of a signed one, where it sits escaped in a string (\"id\": \"x\").
 _ID_IN_PAYLOAD = re.compile(rb'\\?"id\\?"\s*:\s*\\?"([!$-*,-.0-\[\]-~]{1,128})\\?"')
 _BEST_EFFORT_SCAN = 64 << 10
@@ -96,15 +92,12 @@ class Reply:
 
     @classmethod
     def from_json(cls, data: bytes) -> Reply:
-        """Read back :meth:`to_json` output.
+        """Read a reply document: :meth:`to_json` output from the ledger, or a device's reply to ``fleet``.
 
         Raises:
-            CommandError: not a reply document.
+            CommandError: not strict JSON, or not a reply document.
         """
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise CommandError("stored reply is not JSON") from e
+        doc = load_json(data, "reply", error=CommandError)
         if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("data"), dict):
             raise CommandError("stored reply is not a reply document")
         reply_id = doc.get("id")
@@ -119,39 +112,6 @@ def check_verb(verb: str) -> None:
         raise CommandError(f"unknown command verb {shown!r} (known: {', '.join(VERBS)})")
 
 
-def _check_depth(text: str, max_depth: int, what: str) -> None:
-    depth = 0
-    for match in _DEPTH_TOKENS.finditer(text):
-        token = match.group()
-        if token in ("[", "{"):
-            depth += 1
-            if depth > max_depth:
-                raise CommandError(f"{what} is nested deeper than {max_depth} levels")
-        elif token in ("]", "}"):
-            depth -= 1
-        # a string token: skipped whole
-
-
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise CommandError(f"integer with {len(text.lstrip('-'))} digits is too large (max {_MAX_INT_DIGITS})")
-    return int(text)
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise CommandError(f"number {text[:24]!r} is out of range")
-    return value
-
-
-def _refuse_constant(text: str) -> float:
-    raise CommandError(f"{text} is not a JSON number")
-
-
-_UNIQUE_KEYS = unique_keys(lambda problem: CommandError(f"command payload {problem}"))
-
-
 def load_object(payload: bytes, *, max_bytes: int, max_depth: int, what: str = "command payload") -> dict[str, Any]:
     """Decode ``payload`` as one strict JSON object, refusing anything costly first.
 
@@ -160,22 +120,7 @@ def load_object(payload: bytes, *, max_bytes: int, max_depth: int, what: str = "
             ``max_depth``, not JSON, an oversized or non-finite number, a
             duplicate key, or not an object (the message says which).
     """
-    if len(payload) > max_bytes:
-        raise CommandError(f"{what} is {len(payload)} bytes, over the {max_bytes}-byte cap")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CommandError(f"{what} is not valid UTF-8 (byte {e.start})") from e
-    _check_depth(text, max_depth, what)
-    try:
-        doc = json.loads(text, object_pairs_hook=_UNIQUE_KEYS, parse_int=_parse_int,
-                         parse_float=_parse_float, parse_constant=_refuse_constant)
-    except CommandError as e:
-        raise CommandError(f"{what}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise CommandError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except (ValueError, RecursionError) as e:  # the depth scan should make this unreachable
-        raise CommandError(f"{what} is not valid JSON") from e
+    doc = load_json(payload, what, error=CommandError, max_bytes=max_bytes, max_depth=max_depth)
     if not isinstance(doc, dict):
         raise CommandError(f"{what} must be a JSON object, not {_json_type(doc)}")
     return doc

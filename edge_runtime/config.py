@@ -166,7 +166,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _ident(value: str) -> str:
-    return "" if not value or _ID_RE.match(value) else f"must match {_ID_RE.pattern} (it is used in topics)"
+    return "" if not value or _ID_RE.fullmatch(value) else f"must match {_ID_RE.pattern} (it is used in topics)"
 
 
 def _idents(values: tuple[str, ...]) -> str:

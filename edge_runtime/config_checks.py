@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .errors import ConfigError
+from .strict_text import parse_decimal
+
 __all__ = ["listen", "url"]
 
 
@@ -17,7 +20,11 @@ def listen(value: str) -> str:
     if value.startswith("unix:"):
         return "" if value[5:].startswith("/") else "unix socket path must be absolute (unix:/run/...)"
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    try:  # not str.isdigit(): '²' passes it, and int() then raises
+        number = parse_decimal(port, "port", max_digits=5, error=ConfigError)
+    except ConfigError:
+        number = -1
+    if not sep or not host or not 0 <= number <= 65535:
         return f"must be HOST:PORT or unix:/PATH, got {value!r}"
     return ""
 

@@ -44,6 +44,7 @@ from . import __version__
 from .download_sink import CHUNK_BYTES, FileSink, Sink
 from .errors import FetchError, IntegrityError, SizeLimitError
 from .retry_policy import equal_jitter, redact_url
+from .strict_text import parse_decimal
 
 __all__ = ["Fetcher", "Response"]
 
@@ -52,7 +53,8 @@ log = logging.getLogger("edge_runtime.http_fetcher")
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRIED_4XX = frozenset({408, 429})
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
+# [0-9], not \d: \d takes any script's digits, which int() then reads.
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -322,14 +324,13 @@ def _content_length(resp: Response, where: str) -> int | None:
     raw = resp.header("Content-Length")
     if raw is None:
         return None
-    if not raw.strip().isdigit() or len(raw.strip()) > 19:
-        raise FetchError(f"{where}: invalid Content-Length {raw[:40]!r}")
-    return int(raw)
+    # 1*DIGIT with optional whitespace around (RFC 9110); str.isdigit() would pass '²' to int().
+    return parse_decimal(raw.strip(" \t"), f"{where}: Content-Length", max_digits=19, error=FetchError)
 
 
 def _content_range(resp: Response, where: str) -> tuple[int, int | None]:
     raw = resp.header("Content-Range") or ""
-    m = _CONTENT_RANGE_RE.fullmatch(raw.strip())
+    m = _CONTENT_RANGE_RE.fullmatch(raw.strip(" \t"))
     if m is None or int(m[2]) < int(m[1]) or (m[3] != "*" and int(m[2]) >= int(m[3])):
         raise FetchError(f"{where}: HTTP 206 with an invalid Content-Range {raw[:60]!r}")
     return int(m[1]), None if m[3] == "*" else int(m[3])

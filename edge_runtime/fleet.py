@@ -41,6 +41,7 @@ from .command_parse import Reply, check_verb, command_from_object
 from .config import MqttConfig
 from .errors import CommandError, LinkError
 from .mqtt_link import Message, MqttLink
+from .strict_text import load_json
 
 __all__ = [
     "CONNECT_TIMEOUT", "IDENT", "KINDS", "FleetClient", "FleetReply", "Target", "WatchMessage", "build_command",
@@ -260,7 +261,7 @@ def classify(prefix: str, message: Message) -> WatchMessage | None:
     if len(parts) < 3 or parts[0] != prefix or parts[2] not in _KIND_SUFFIX:
         return None
     try:
-        payload: Any = json.loads(message.payload)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        payload: Any = load_json(message.payload, "payload", error=CommandError)
+    except CommandError:  # shown as text: not strict JSON (a repeated key would show one reading of two)
         payload = message.payload.decode("utf-8", "replace")
     return WatchMessage(message.topic, parts[1], parts[2], message.retain, payload)

@@ -7,7 +7,6 @@ the new version active; later waves are then left untouched.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -21,11 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .errors import CommandError, LinkError
 from .fleet import IDENT, FleetClient, FleetReply, Target, build_command
+from .strict_text import load_json
 
 __all__ = ["DeviceOutcome", "DeviceStatus", "RolloutResult", "discover", "plan_waves", "rollout", "select_devices"]
 
 _log = logging.getLogger(__name__)
-_WAVE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*")
+_WAVE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", re.ASCII)  # \d alone takes any script's digits
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ def discover(client: FleetClient, *, settle: float = 0.5, max_wait: float = 5.0)
         if len(parts) != 3 or parts[0] != client.prefix or parts[2] != "status" or not IDENT.fullmatch(parts[1]):
             continue  # an id that cannot be a topic level cannot be sent a command either
         try:
-            doc = json.loads(message.payload)
+            doc = load_json(message.payload, "status", error=CommandError)
             versions = {str(k): v for k, v in dict(doc.get("versions") or {}).items()}
             groups = tuple(map(str, doc.get("groups", ())))
             found[parts[1]] = DeviceStatus(parts[1], str(doc["state"]), versions, groups)
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        except (CommandError, ValueError, TypeError, KeyError, AttributeError):
             _log.warning("ignored a malformed status from %s", parts[1])
     return found
 

@@ -73,7 +73,7 @@ def validate_member_path(path: str) -> str:
     if not isinstance(path, str) or not path:
         raise ManifestError(f"file path {path!r} is empty or not a string")
     parts = path.split("/")
-    if len(parts) > 4 or not all(_PATH_PART_RE.match(p) for p in parts):
+    if len(parts) > 4 or not all(_PATH_PART_RE.fullmatch(p) for p in parts):  # match() would take "x\n"
         raise ManifestError(
             f"file path {path!r} is not a safe relative path "
             "(letters, digits, '._-', no leading '.', at most 4 levels)"

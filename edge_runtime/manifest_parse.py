@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .errors import ManifestError
@@ -34,6 +33,7 @@ from .manifest import (
     is_valid_name,
     validate_member_path,
 )
+from .strict_text import load_json
 
 __all__ = ["parse_manifest"]
 
@@ -167,13 +167,11 @@ def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate manifest bytes.
 
     Raises:
-        ManifestError: not UTF-8 JSON, a field is missing, mistyped, unknown,
-            or the manifest is inconsistent (model/labels/golden not listed).
+        ManifestError: not strict UTF-8 JSON (a repeated key, NaN), a field is
+            missing, mistyped, unknown, or the manifest is inconsistent
+            (model/labels/golden not listed).
     """
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"manifest is not valid UTF-8 JSON: {e}") from e
+    doc = load_json(data, "manifest", error=ManifestError)
     f = _Fields(doc, "manifest")
     schema = f.int_("schema", SCHEMA_VERSION, 1, 1000)
     if schema != SCHEMA_VERSION:

@@ -30,8 +30,9 @@ __all__ = [
     "parse_timestamp",
 ]
 
-_REQUIREMENT_RE = re.compile(r"^(>=|==)?\s*(\d{1,9}(?:\.\d{1,9}){0,3})$")
-_VERSION_PREFIX_RE = re.compile(r"^\d{1,9}(?:\.\d{1,9}){0,3}")
+# re.ASCII: a bare \d also matches other scripts' digits, which int() then reads.
+_REQUIREMENT_RE = re.compile(r"(>=|==)?\s*(\d{1,9}(?:\.\d{1,9}){0,3})", re.ASCII)
+_VERSION_PREFIX_RE = re.compile(r"\d{1,9}(?:\.\d{1,9}){0,3}", re.ASCII)
 _ARCH_ALIASES = {
     "arm64": "aarch64",
     "aarch64_be": "aarch64",
@@ -80,7 +81,7 @@ def parse_runtime_requirement(spec: str) -> tuple[str, tuple[int, ...]]:
     Raises:
         ManifestError: not ``>=X.Y.Z``, ``==X.Y.Z`` or ``X.Y.Z``.
     """
-    match = _REQUIREMENT_RE.match(spec.strip())
+    match = _REQUIREMENT_RE.fullmatch(spec.strip())
     if not match:
         raise ManifestError(
             f"requires.runtime {spec!r} must be '>=X.Y.Z', '==X.Y.Z' or 'X.Y.Z' (meaning >=)"

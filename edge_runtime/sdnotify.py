@@ -12,6 +12,9 @@ import os
 import socket
 from collections.abc import Mapping
 
+from .errors import ConfigError
+from .strict_text import parse_decimal
+
 __all__ = ["Notifier"]
 
 _log = logging.getLogger(__name__)
@@ -57,10 +60,15 @@ class Notifier:
 
 def _watchdog_seconds(env: Mapping[str, str]) -> float | None:
     """The watchdog period systemd asked for, if it is meant for this process."""
-    usec = env.get("WATCHDOG_USEC", "")
-    pid = env.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    usec, pid = _decimal(env.get("WATCHDOG_USEC", "")), _decimal(env.get("WATCHDOG_PID", ""))
+    if not usec or (pid is not None and pid != os.getpid()):
         return None
-    if pid and pid.isdigit() and int(pid) != os.getpid():
+    return usec / 1e6
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as ASCII digits, else None (str.isdigit() passes '²', which int() refuses)."""
+    try:
+        return parse_decimal(text, "value", max_digits=19, error=ConfigError)
+    except ConfigError:
         return None
-    return int(usec) / 1e6

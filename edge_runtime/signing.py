@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import ConfigError, SignatureError
 from .fsutil import create_exclusive
+from .strict_text import load_json
 
 __all__ = [
     "generate_keypair",
@@ -155,10 +156,7 @@ def verify_threshold(
     Raises:
         SignatureError: malformed document, a bad signature, or too few.
     """
-    try:
-        doc = json.loads(signature_doc.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SignatureError("signature document is not valid UTF-8 JSON") from e
+    doc = load_json(signature_doc, "signature document", error=SignatureError)
     entries = doc.get("signatures") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries or len(entries) > _MAX_SIGNATURES:
         raise SignatureError(f"signature document must list 1 to {_MAX_SIGNATURES} signatures")

@@ -37,7 +37,7 @@ from .errors import CacheError, EdgeRuntimeError
 from .fsutil import CLOEXEC, NOFOLLOW, atomic_write, fsync_dir, read_capped
 from .model_cache import ModelCache
 from .state_store import MAX_STATE_BYTES, STATE_FILE, ModelState, State, decode_state
-from .strict_json import unique_keys
+from .strict_text import load_json
 
 __all__ = ["KEPT_CHANNEL_FILE", "LOST", "StateRecovery", "keep_channel_document", "recover_state"]
 
@@ -47,7 +47,6 @@ LOST = ("pinned versions", "probation records and their boot attempts", "the boo
         "failed-version marks")
 _MAX_KEPT = 4 << 20  # two base64 documents, each under the channel cap
 _log = logging.getLogger(__name__)
-_UNIQUE = unique_keys(lambda problem: ValueError(problem))
 
 Trusted = Callable[[], Mapping[str, Ed25519PublicKey]]
 
@@ -142,12 +141,14 @@ def _kept_sequence(path: Path, trusted: Trusted, threshold: int) -> tuple[int, s
     except OSError as e:
         return 0, f"kept channel document unreadable: {e.strerror or e}"
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_UNIQUE)
+        doc = load_json(raw, "kept channel document", error=CacheError)
         if not isinstance(doc, dict) or set(doc) != {"document", "signature"}:
             raise ValueError("not a kept channel document")
         document = base64.b64decode(doc["document"], validate=True)
         signature = base64.b64decode(doc["signature"], validate=True)
-    except (UnicodeDecodeError, ValueError, TypeError, RecursionError, binascii.Error) as e:
+    except CacheError as e:
+        return 0, f"kept channel document is corrupt: {e.one_line()}"
+    except (ValueError, TypeError, binascii.Error) as e:
         return 0, f"kept channel document is corrupt: {e}"
     try:
         sequence = verified_sequence(document, signature, trusted=trusted(), threshold=threshold)

@@ -31,6 +31,7 @@ from typing import Any
 from .errors import CacheError
 from .fsutil import CLOEXEC, NOFOLLOW, atomic_write, make_private_dir, read_capped
 from .manifest import is_valid_name
+from .strict_text import load_json
 
 __all__ = [
     "LOCK_FILE",
@@ -164,9 +165,9 @@ def decode_state(data: bytes, where: str = STATE_FILE) -> State:
             mistyped, out of range or unknown (the message names it).
     """
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CacheError(f"{where}: state file is corrupt (not UTF-8 JSON: {e})") from e
+        doc = load_json(data, "state file", error=CacheError)
+    except CacheError as e:
+        raise CacheError(f"{where}: state file is corrupt ({e})") from e
     top = _Obj(doc, where, ("schema", "boot_count", "models", "channel_sequence"))
     schema = top.int_("schema")
     if schema != STATE_SCHEMA:

@@ -11,7 +11,8 @@ memory before a caller can look at its size. This reader:
   directory, FIFO) and leaves the policy to the caller;
 - accepts a per-file pax header ('x') of at most ``max_pax_bytes``, checked
   from the header *before* its data is read, honouring ``path`` and ``size``
-  and refusing keywords that would change meaning (sparse files, binary names);
+  (ASCII digits only) and refusing keywords that would change meaning (sparse
+  files, binary names) or that appear twice;
 - refuses global pax ('g'), GNU long names ('L'/'K') and every other type;
 - checks that each member's data lies inside the file before it is read;
 - requires the two zero blocks that end an archive.
@@ -29,6 +30,7 @@ from typing import BinaryIO
 
 from .errors import BundleError, SizeLimitError, UnsafeBundleError
 from .fsutil import CHUNK
+from .strict_text import parse_decimal
 
 __all__ = ["BLOCK", "MAX_PAX_BYTES", "MemberKind", "TarMember", "TarReader"]
 
@@ -189,8 +191,9 @@ class TarReader:
         name = _name(header, at)
         if "path" in pax:
             name = pax["path"]
-        if "size" in pax:
-            size = int(pax["size"])
+        if "size" in pax:  # read here, where the member's name is known for the message
+            size = parse_decimal(pax["size"], f"bundle member {name!r}: pax size", max_digits=15,
+                                 error=UnsafeBundleError)
         kind = _KINDS.get(flag)
         if kind is None:
             shown = flag.decode("latin-1") if flag.isalnum() else repr(flag)
@@ -288,6 +291,8 @@ def _parse_pax(data: bytes, at: int) -> dict[str, str]:
         except UnicodeDecodeError as e:
             raise UnsafeBundleError(f"pax record in the header at byte {at} is not UTF-8") from e
         _check_pax_record(key, value, at)
+        if key in records:  # readers differ on which one wins (tarfile: the last)
+            raise UnsafeBundleError(f"pax keyword {key[:40]!r} appears twice in the header at byte {at}")
         records[key] = value
     return records
 
@@ -296,13 +301,10 @@ def _check_pax_record(key: str, value: str, at: int) -> None:
     if key == "path":
         if not value or "\x00" in value:
             raise UnsafeBundleError(f"pax path in the header at byte {at} is empty or has a NUL")
-    elif key == "size":
-        if not value.isdigit() or len(value) > 15:
-            raise UnsafeBundleError(f"pax size {value[:20]!r} in the header at byte {at} is invalid")
     elif key == "hdrcharset":
         if value != _PAX_UTF8:
             raise UnsafeBundleError(f"pax {key} {value[:40]!r} at byte {at} is not supported")
-    elif key not in _PAX_IGNORED and not key.startswith(_PAX_IGNORED_PREFIXES):
+    elif key != "size" and key not in _PAX_IGNORED and not key.startswith(_PAX_IGNORED_PREFIXES):
         # Unknown keywords may change meaning (GNU.sparse.* turns the data into
         # a sparse map); refusing is the only safe reading.
         raise UnsafeBundleError(f"pax keyword {key[:40]!r} in the header at byte {at} is not supported")

@@ -20,6 +20,9 @@ Faults (``Route.fault``), applied to the first ``times`` requests of the path
 - ``status``: answer ``status`` (500, 404, 429, ...) with a short body;
 - ``redirect``: 302 to ``location`` (a path or an absolute URL).
 
+``headers`` replace or add response headers of a normal (``none``) answer,
+sent as latin-1 bytes the way a hostile server would (``Content-Length: ²``).
+
 Unknown paths get 404. Routes can be swapped while the server runs
 (``srv.routes[path] = Route(...)``). Every request is recorded in ``requests``.
 :func:`make_tls` writes a throwaway CA and server certificate for ``tls=``.
@@ -58,6 +61,7 @@ class Route:
     claimed_length: int = 10 << 30
     chunked: bool = False
     ranges: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
     hits: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -190,7 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(status, body[: route.cut_after], {**headers, "Content-Length": str(len(body))})
         if fault == "drip":
             return self._drip(route, status, body, headers)
-        return self._reply(status, body, headers)
+        return self._reply(status, body, {**headers, **route.headers})
 
     def _ranged(self, route: Route) -> tuple[int, bytes, dict[str, str]]:
         body, size = route.body, len(route.body)

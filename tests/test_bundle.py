@@ -490,7 +490,7 @@ REFUSALS: list[tuple[str, Callable[[Kit], Path], dict[str, Any], type[Exception]
                                                + payload_members(k.payload)), {},
      ManifestError, r"manifest\.version is required"),
     ("manifest-not-json", lambda k: k.tar(head(b"{not json", [k.keys["a"]]) + payload_members(k.payload)), {},
-     ManifestError, r"manifest is not valid UTF-8 JSON"),
+     ManifestError, r"manifest is not valid JSON"),
     # The model (validly signed and hashed): defence in depth after staging.
     ("onnx-external-data", with_model(lambda k: external_data_model(k.tmp / "x.onnx").read_bytes()), {},
      UnsafeBundleError,

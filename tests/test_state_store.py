@@ -62,9 +62,9 @@ def variant(path: tuple[str, ...], value: object) -> bytes:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"", "not UTF-8 JSON"),
-        (b'{"schema": 1, "boot', "not UTF-8 JSON"),
-        (b"\xff\xfe", "not UTF-8 JSON"),
+        (b"", r"state file is corrupt \(state file is not valid JSON"),
+        (b'{"schema": 1, "boot', "not valid JSON"),
+        (b"\xff\xfe", "not valid UTF-8"),
         (b"[]", "must be a JSON object"),
         (variant(("schema",), 2), "schema 2 is not supported"),
         (variant(("models", "m", "highest"), -1), r"models\['m'\].highest must be an integer >= 0"),

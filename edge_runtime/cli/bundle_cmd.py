@@ -17,6 +17,7 @@ from ..bundle_writer import BundleSpec, GoldenSource, pack_bundle
 from ..errors import ConfigError, InputError, ManifestError
 from ..manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
 from ..signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
+from ..strict_text import load_json
 from ..typed_toml import build, load_toml
 from .common import Context, emit, verb_parser
 
@@ -152,8 +153,8 @@ def _golden(ctx: Context, args: argparse.Namespace) -> int:
 
 def _inspect(ctx: Context, args: argparse.Namespace) -> int:
     info = inspect_bundle(args.bundle, ctx.config.limits)
-    doc = {"manifest": json.loads(info.manifest_bytes), "signer_key_ids": list(info.signer_key_ids),
-           "size": info.size, "verified": False}
+    manifest = load_json(info.manifest_bytes, "manifest", error=ManifestError)  # strict: shown as the device reads it
+    doc = {"manifest": manifest, "signer_key_ids": list(info.signer_key_ids), "size": info.size, "verified": False}
     text = json.dumps(doc["manifest"], indent=1, sort_keys=True)
     emit(ctx, doc, f"{text}\nsigned by (unverified): {', '.join(info.signer_key_ids)}\nsize: {info.size} bytes")
     return 0

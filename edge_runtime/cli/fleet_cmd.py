@@ -21,10 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..command_parse import VERBS
 from ..config import MqttConfig
-from ..errors import CommandError
+from ..errors import CommandError, ConfigError
 from ..fleet import KINDS, FleetClient, Target, build_command, classify, watch_filters
 from ..fleet_rollout import DeviceOutcome, discover, plan_waves, rollout, select_devices
 from ..signing import load_private_key
+from ..strict_text import load_json, parse_decimal
 from .common import Context, verb_parser
 
 __all__ = ["register"]
@@ -42,9 +43,13 @@ def _shown(text: str) -> str:
 
 def _broker(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    try:
+        number = parse_decimal(port, "port", max_digits=5, error=ConfigError)
+    except ConfigError:
+        number = 0
+    if not sep or not host or not 1 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)  # [::1]:1883
+    return host.strip("[]"), number  # [::1]:1883
 
 
 def _client(ctx: Context, args: argparse.Namespace) -> FleetClient:
@@ -59,10 +64,7 @@ def _client(ctx: Context, args: argparse.Namespace) -> FleetClient:
 
 
 def _command_args(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        merged = json.loads(args.args)
-    except ValueError as e:
-        raise CommandError(f"--args is not JSON: {e}") from e
+    merged = load_json(args.args, "--args", error=CommandError)  # strict, as the device reads it
     if not isinstance(merged, dict):
         raise CommandError("--args must be a JSON object")
     for item in args.arg:
@@ -70,8 +72,8 @@ def _command_args(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise CommandError(f"--arg {item[:64]!r} must be KEY=VALUE")
         try:  # numbers, booleans, null, objects as JSON; anything else (a URL, a name) as text
-            merged[key] = json.loads(value)
-        except ValueError:
+            merged[key] = load_json(value, "--arg", error=CommandError)
+        except CommandError:
             merged[key] = value
     return merged
 

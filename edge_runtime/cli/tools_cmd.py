@@ -26,6 +26,7 @@ from ..manifest import Preprocess
 from ..model_store import ModelStore
 from ..preprocess import Preprocessor, decode_image, is_npy, load_npy
 from ..quantize import find_inputs, load_samples, quantize_onnx, require_quantization_tools
+from ..strict_text import parse_decimal
 from .bundle_cmd import SpecFile, load_spec
 from .common import Context, emit, verb_parser
 
@@ -271,9 +272,9 @@ def _table(target: _Target, threads: int, shapes: dict[str, list[int]], r: Bench
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
+    try:  # ASCII digits: int() would also take '٣', ' 3' or '1_0'
+        dims = tuple(parse_decimal(d.strip(), "dimension", max_digits=9, error=InputError) for d in text.split(","))
+    except InputError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"every dimension must be at least 1, got {text!r}")
