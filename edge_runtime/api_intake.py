@@ -123,7 +123,7 @@ class Intake:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._returned: collections.deque[tuple[Conn, bool, bool]] = collections.deque()
+        self._returned: collections.deque[tuple[Conn, bool, bool, bool]] = collections.deque()
         self._lock = threading.Lock()
         self._conns: set[Conn] = set()  # every open connection but lingering ones
         self._receiving: dict[Conn, None] = {}  # insertion order = oldest request first
@@ -140,7 +140,14 @@ class Intake:
         """From a worker: the request on ``conn`` is answered; keep it for the next one, or close it."""
         with self._lock:
             if not self._ended:
-                self._returned.append((conn, keep_alive, body_unread))
+                if keep_alive and not conn.buffer and not self._stopping:
+                    # The common case, without waking the intake: it takes the books over with the
+                    # first event on this socket (appended before registered, so it is in the deque then).
+                    conn.sock.setblocking(False)
+                    self._returned.append((conn, True, False, True))
+                    self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+                    return
+                self._returned.append((conn, keep_alive, body_unread, False))
                 self._wake()
                 return
         with contextlib.suppress(OSError):  # the loop has ended (stopped): nobody else will close it
@@ -175,13 +182,15 @@ class Intake:
             while not (self._stopping and not self._lingering):
                 self.progress.beat()
                 timeout = max(0.0, min(BEAT_SECONDS, self._next_sweep - time.monotonic()))
-                for key, _ in self._selector.select(timeout):
+                events = self._selector.select(timeout)
+                self._take_returned()  # before the events: one may be on a connection just given back
+                for key, _ in events:
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
-                    else:
+                    elif key.data.state != _BUSY and key.data.sock.fileno() >= 0:  # not dropped in this batch
                         self._readable(key.data)
                 self._take_returned()
                 if self._stopping:
@@ -191,7 +200,7 @@ class Intake:
         finally:
             with self._lock:
                 self._ended = True
-            for conn, _, _ in self._returned:
+            for conn, *_ in self._returned:
                 with contextlib.suppress(OSError):
                     conn.sock.close()
             self._selector.close()
@@ -223,6 +232,7 @@ class Intake:
 
     def _evict(self) -> bool:
         """Make room: cut off the longest-receiving request, else the longest-idle connection. False: none."""
+        self._take_returned()  # a connection just given back is idle, so it can make room
         if self._receiving:
             victim = next(iter(self._receiving))
             self._drop(victim, refusal(408, "request not received in time (the server is full; slowest evicted)"))
@@ -234,13 +244,14 @@ class Intake:
 
     # ------------------------------------------------------------------ connection states
 
-    def _to_idle(self, conn: Conn) -> None:
+    def _to_idle(self, conn: Conn, *, registered: bool = False) -> None:
         conn.state, conn.deadline = _IDLE, time.monotonic() + self.idle_timeout
         conn.head_end = conn.body_end = -1
         conn.scanned = 0
         self._idle[conn] = None
         self._next_sweep = min(self._next_sweep, conn.deadline)
-        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        if not registered:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
         if conn.buffer:  # a pipelined request arrived with the last one
             self._parse(conn)
 
@@ -318,13 +329,15 @@ class Intake:
 
     def _take_returned(self) -> None:
         while self._returned:
-            conn, keep_alive, body_unread = self._returned.popleft()
+            conn, keep_alive, body_unread, registered = self._returned.popleft()
             if keep_alive and not self._stopping:
                 conn.sock.setblocking(False)
                 with self._lock:
                     conn.state = _IDLE
-                self._to_idle(conn)
+                self._to_idle(conn, registered=registered)
             else:
+                if registered:
+                    self._selector.unregister(conn.sock)
                 with self._lock:
                     conn.state = _IDLE  # not busy any more; _drop unregisters nothing it does not hold
                 self._close(conn, b"", _LINGER_SECONDS if body_unread else _LINGER_SLOW_SECONDS)

@@ -79,7 +79,8 @@ def test_slow_clients_beyond_the_old_cap_starve_neither_health_nor_inference(ser
 
 def test_when_full_the_slowest_request_is_evicted_with_a_408(service: InferenceService) -> None:
     with start(service, max_connections=16) as srv, slow_sockets(srv.address, 16, 0) as slow:  # type: ignore[arg-type]
-        time.sleep(0.2)  # the server has taken all 16 in (accepted in order: slow[0] is the oldest)
+        # Wait until the intake has read all 16 half heads (accepted in order: slow[0] is the oldest).
+        wait_for(lambda: srv._intake is not None and len(srv._intake._receiving) == 16, 10, "16 half heads")
         assert timed_ok(srv, "GET", "/v2/health/live") < SANITY_SECONDS
         oldest = slow[0]
         reply = http.client.HTTPResponse(oldest, method="GET")
@@ -111,6 +112,15 @@ def test_bodies_held_at_once_are_bounded_and_the_largest_is_refused(service: Inf
                 sock.close()
 
 
+def connect_status(srv: object) -> int:
+    conn = connect(srv)  # type: ignore[arg-type]
+    conn.request("GET", "/v2/health/live")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status
+
+
 def _send_then_read(address: tuple[str, int], request: bytes) -> bytes:
     """Send all of ``request`` as a simple client does (http.client, tritonclient), then read to the end."""
     with socket.create_connection(address, timeout=10) as sock:
@@ -139,7 +149,7 @@ def test_a_connection_refused_at_the_cap_reads_its_503_while_sending_a_body(
         gate.release.set()
         for thread, _ in held:
             thread.join(5)
-        still_answers(srv)
+        wait_for(lambda: connect_status(srv) == 200, 5, "a worker to give its connection back", 0.02)
 
 
 def test_a_slow_head_gets_a_408_before_the_connection_ends(service: InferenceService) -> None:
