@@ -395,6 +395,8 @@ def test_hostile_request_gets_a_one_line_error_and_the_server_carries_on(
 
 
 def test_expect_100_continue_only_after_the_checks(server: ApiServer) -> None:
+    # The intake answers 100 Continue once the Content-Length is acceptable (within the cap), then
+    # receives the body before a worker routes it: a 404 or 503 comes after the body, not instead of it.
     body = json_infer_body(ppocr_tensor())
     head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
     with socket.create_connection(server.address, timeout=5) as sock:  # type: ignore[arg-type]

@@ -77,6 +77,24 @@ def test_slow_clients_beyond_the_old_cap_starve_neither_health_nor_inference(ser
             assert not response.will_close
 
 
+def test_pipelined_requests_on_one_connection_are_answered_in_order(service: InferenceService) -> None:
+    # The intake keeps what arrived after a request for the next one: pipelining and keep-alive survive it.
+    with start(service) as srv, socket.create_connection(srv.address, timeout=10) as sock:  # type: ignore[arg-type]
+        body = json_infer_body(ppocr_tensor())
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                     + b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        replies = []
+        stream = sock.makefile("rb")  # one reader for all three: a reply must not be lost in another's buffer
+        for _ in range(3):
+            status = int(stream.readline().split()[1])
+            headers = dict(line.decode().rstrip("\r\n").split(": ", 1) for line in iter(stream.readline, b"\r\n"))
+            replies.append((status, json.loads(stream.read(int(headers["Content-Length"])))))
+        assert [status for status, _ in replies] == [200, 200, 200]
+        assert replies[0][1] == {"live": True} and replies[1][1]["model_name"] == "ppocr-cls"
+        assert replies[2][1]["name"] == "edge-runtime"
+
+
 def test_when_full_the_slowest_request_is_evicted_with_a_408(service: InferenceService) -> None:
     with start(service, max_connections=16) as srv, slow_sockets(srv.address, 16, 0) as slow:  # type: ignore[arg-type]
         # Wait until the intake has read all 16 half heads (accepted in order: slow[0] is the oldest).
