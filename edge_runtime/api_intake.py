@@ -133,6 +133,7 @@ class Intake:
         self._stopping = False
         self._ended = False
         self._next_sweep = 0.0
+        self._accept_paused = self._accept_warned = False
 
     # ------------------------------------------------------------------ other threads
 
@@ -197,6 +198,9 @@ class Intake:
                     self._shut_down()
                 if time.monotonic() >= self._next_sweep:
                     self._sweep()
+                    if self._accept_paused and not self._stopping:
+                        self._accept_paused = False
+                        self._selector.register(self.listener, selectors.EVENT_READ)
         finally:
             with self._lock:
                 self._ended = True
@@ -214,8 +218,14 @@ class Intake:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and the like: the connection stays in the backlog
-                log.warning("API: cannot accept a connection: %s", e.strerror or e)
+                if not self._accept_warned:  # once per outage
+                    log.warning("API: cannot accept connections (%s); pausing accepts", e.strerror or e)
+                    self._accept_warned = True
+                # The listener stays readable: without a pause this loop would spin. Retried at the next sweep.
+                self._selector.unregister(self.listener)
+                self._accept_paused = True
                 return
+            self._accept_warned = False
             self._accepted(sock, peer)
 
     def _accepted(self, sock: socket.socket, peer: object) -> None:
@@ -413,7 +423,8 @@ class Intake:
 
     def _shut_down(self) -> None:
         if self.listener.fileno() >= 0:
-            self._selector.unregister(self.listener)
+            if not self._accept_paused:
+                self._selector.unregister(self.listener)
             self.listener.close()
         for conn in list(self._idle) + list(self._receiving):
             self._drop(conn, None)

@@ -9,6 +9,7 @@ asserted beyond a generous sanity bound (5 s) that only a starved server misses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import socket
@@ -128,6 +129,32 @@ def test_bodies_held_at_once_are_bounded_and_the_largest_is_refused(service: Inf
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_out_of_descriptors_pauses_accepts_instead_of_spinning(service: InferenceService,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # A fault only a fake can make: accept() failing with EMFILE leaves the listener readable, and a
+    # loop that retried at once would spin a core and flood the log.
+    calls = []
+    real_accept = socket.socket.accept
+
+    def failing_accept(self: socket.socket) -> tuple[socket.socket, object]:
+        calls.append(time.monotonic())
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with start(service) as srv:
+        monkeypatch.setattr(socket.socket, "accept", failing_accept)
+        waiting = socket.create_connection(srv.address, timeout=10)  # type: ignore[arg-type]
+        time.sleep(1.0)
+        monkeypatch.setattr(socket.socket, "accept", real_accept)
+        assert 1 <= len(calls) <= 25  # paused and retried a few times a second, not thousands
+        assert sum("cannot accept connections" in r.getMessage() for r in caplog.records) == 1
+        with waiting:  # the connection waited in the backlog and is served once accepts resume
+            waiting.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = http.client.HTTPResponse(waiting, method="GET")
+            response.begin()
+            assert response.status == 200
 
 
 def connect_status(srv: object) -> int:
