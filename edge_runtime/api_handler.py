@@ -1,26 +1,23 @@
 """The inference API's request handler: HTTP/1.1 parsing, routing and the OIP endpoints.
 
-:class:`ApiRequestHandler` serves one connection (keep-alive) for an
+:class:`ApiRequestHandler` answers one complete request that the intake
+(:mod:`edge_runtime.api_intake`) received for an
 :class:`~edge_runtime.api_server.ApiServer`, reading what it shares with its
 server from a :class:`HandlerContext`: settings, the stopping flag, the
 inference slots (``api.max_concurrency``) and the count of requests in flight.
-Every request gets a deadline for its request line (idle keep-alive) and one
-for headers + body (slow clients); bodies need a Content-Length within
+Deadlines for slow clients are the intake's; bodies need a Content-Length within
 ``api.max_request_bytes``. Errors are ``{"error": "<one line>"}``; request
 bodies are never logged; the access log is DEBUG.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import http.server
 import io
 import logging
 import re
-import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
@@ -57,7 +54,6 @@ _IMAGE_TYPES = frozenset({"image/jpeg", "image/png"})
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 _BUFFER = 64 << 10
 _MAX_LINE, _MAX_HEADERS = 65536, 100  # the stdlib's limits
-_LINGER_SECONDS = 5.0  # at most this long draining an unread body after an early reply
 _SERVER = f"edge-runtime/{__version__}"
 _SERVER_METADATA = dumps({"name": "edge-runtime", "version": __version__, "extensions": ["binary_tensor_data"]})
 
@@ -76,20 +72,15 @@ _RETRY = {"Retry-After": "1"}
 class HandlerContext:
     """What an ApiServer shares with its handler threads.
 
-    Settings (``config``, ``service``, ``metrics``, the two deadlines and
-    ``tcp_nodelay``), ``stopping`` (answers then carry ``Connection: close``),
+    Settings (``config``, ``service``, ``metrics``), ``stopping`` (answers then carry ``Connection: close``),
     the inference slots, and the count of requests in flight that
     :meth:`wait_idle` waits on.
     """
 
-    def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics, *,
-                 idle_timeout: float, request_timeout: float, tcp_nodelay: bool) -> None:
+    def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics) -> None:
         self.config = config
         self.service = service
         self.metrics = metrics
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.tcp_nodelay = tcp_nodelay
         self.stopping = False
         self.inference_slots = threading.BoundedSemaphore(config.max_concurrency)
         self._cond = threading.Condition()
@@ -111,89 +102,49 @@ class HandlerContext:
             self._cond.wait_for(lambda: self._in_flight == 0, timeout=timeout)
 
 
-class _ServesContext(Protocol):
-    """The socketserver running the handler (api_server's servers) carries the context."""
+class _Job(Protocol):
+    """What a handler is given for one request (api_server's job): the context and the request's bytes."""
 
     context: HandlerContext
-
-
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that raise TimeoutError once ``deadline`` (monotonic seconds) has passed.
-
-    A plain socket timeout bounds each recv, so a client trickling one byte per
-    timeout could hold a thread forever; a deadline bounds the whole request.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.deadline = 0.0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+    request: bytes
 
 
 class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
-    """One connection of the inference API: keep-alive requests until it closes or the server stops."""
+    """One complete request of the inference API, received by the intake (api_intake); answers it and returns.
+
+    The intake has received the head and the body (up to a Content-Length the
+    handler accepts) before a worker runs this, so it never waits for the client.
+    Afterwards :attr:`close_connection` says whether the connection may carry
+    another request, and :attr:`body_unread` whether the client may still be
+    sending a body that was refused before it was read (the intake lingers then).
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive
     context: HandlerContext
-    _reader: _DeadlineReader
-    _pending_body = False  # a body not (yet) read: the connection cannot carry another request
-    _expect_continue = False
+    _pending_body = False  # a body not read: the connection cannot carry another request
 
     def setup(self) -> None:
         self.connection = self.request
-        self.context = cast(_ServesContext, self.server).context
-        if self.context.tcp_nodelay and self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            # The stdlib's disable_nagle_algorithm, minus AF_UNIX (no TCP options there). Without it a
-            # keep-alive client waits ~40 ms per request: Nagle holds our reply until its delayed ACK.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader = _DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader, _BUFFER)
+        job = cast(_Job, self.server)
+        self.context = job.context
+        self.rfile = io.BytesIO(job.request)
         self.wfile = self.connection.makefile("wb", _BUFFER)
 
-    def finish(self) -> None:
-        if self._pending_body:
-            self._linger()
-        super().finish()
+    def handle(self) -> None:
+        self.handle_one_request()  # one request: the intake keeps the connection between requests
 
-    def _linger(self) -> None:
-        """Read and discard what the client still sends after a reply given before its body was read.
-
-        Closing a socket with unread bytes makes the kernel send a reset, and a client
-        still sending its body (http.client, curl, tritonclient all do before they read)
-        then loses the reply already on its way: a 503 or 413 would reach it as EPIPE or
-        ECONNRESET. So: FIN after the reply, then drain until the client's FIN, bounded in
-        time (like nginx's lingering close) and in bytes (four times ``api.max_request_bytes``:
-        a client that declared a body over the cap still gets its 413).
-        """
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-        left = 4 * self.context.config.max_request_bytes + _BUFFER
-        self._reader.deadline = min(self._reader.deadline, time.monotonic() + _LINGER_SECONDS)
-        with contextlib.suppress(OSError, ValueError):  # TimeoutError is an OSError: give up, close
-            while left > 0:
-                chunk = self.rfile.read1(min(left, _BUFFER))
-                if not chunk:
-                    break
-                left -= len(chunk)
+    @property
+    def body_unread(self) -> bool:
+        """True when the reply went out before the request's body was read."""
+        return self._pending_body
 
     def handle_one_request(self) -> None:
-        self._pending_body = self._expect_continue = False
+        self._pending_body = False
         self.command, self.request_version = "", "HTTP/1.1"  # for error replies before the request line parsed
-        self._reader.deadline = time.monotonic() + self.context.idle_timeout
         super().handle_one_request()
 
     def parse_request(self) -> bool:
         """The request line and headers by the stdlib's rules, without its email parser (~70 us a request)."""
-        self._reader.deadline = time.monotonic() + self.context.request_timeout  # headers + body, from the request line
         self._pending_body = self.close_connection = True  # until the headers say otherwise
         raw: bytes = getattr(self, "raw_requestline", b"")  # set by handle_one_request (untyped in typeshed)
         self.requestline = str(raw, "iso-8859-1").rstrip("\r\n")
@@ -223,8 +174,6 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         connection = headers.get("Connection", "").lower()
         self.close_connection = connection == "close" or self.request_version == "HTTP/1.0"
         self._pending_body = "Transfer-Encoding" in headers or headers.get("Content-Length", "0").strip() != "0"
-        # "100 Continue" only after the request passed its checks (_read_body).
-        self._expect_continue = headers.get("Expect", "").lower() == "100-continue"
         return True
 
     # ------------------------------------------------------------------ responses
@@ -239,7 +188,6 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
             self.close_connection = True
         self.log_request(status)
-        self.connection.settimeout(self.context.idle_timeout)
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1") + (
             b"" if self.command == "HEAD" else body))
         self.wfile.flush()  # on the wire before the request counts as finished (stop() then closes sockets)
@@ -330,12 +278,11 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _infer(self, name: str, version: str | None) -> None:
         model = self._serving(name, version)
-        length = self._content_length()
+        body = self._read_body(self._content_length())  # already received: the slot waits for nobody
         if not self.context.inference_slots.acquire(blocking=False):
             raise _Reply(503, f"busy: {self.context.config.max_concurrency} inferences in flight (api.max_concurrency)",
                          headers=_RETRY)
         try:
-            body = self._read_body(length)
             binary = _HEADER_LENGTH in self.headers
             content_type = self.headers.get_content_type()
             try:
@@ -388,13 +335,7 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         return length
 
     def _read_body(self, length: int) -> bytes:
-        if self._expect_continue:
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            raise _Reply(408, "request body not received in time") from None
+        body = self.rfile.read(length)  # the intake received it (a checked Content-Length), or timed it out
         if len(body) != length:
             raise _Reply(400, "request body is shorter than its Content-Length")
         self._pending_body = False

@@ -13,34 +13,34 @@ count in the metrics, readiness and probation like any other::
                                                 JPEG/PNG/.npy body -> the model's pre/post-processing
     GET  /metrics                               Prometheus text
 
-Built on the stdlib ``http.server`` with keep-alive. Limits: bodies need a
-Content-Length of at most ``api.max_request_bytes`` (413/411 before reading),
-at most ``api.max_concurrency`` inferences run at once (more get 503 with
-Retry-After), connections are capped, and each connection gets a deadline for
-the next request line (idle keep-alive) and one for headers + body (slow
-clients), so no client can pin threads forever. Errors are ``{"error": "<one
-line>"}``; request bodies are never logged; the access log is DEBUG.
+HTTP/1.1 with keep-alive. Slow clients cannot starve it: one intake thread
+(:mod:`edge_runtime.api_intake`) holds every connection while it waits and
+receives each request whole, against deadlines, before a worker thread answers
+it; with ``api.max_connections`` open, the slowest is evicted to make room.
+Bodies need a Content-Length of at most ``api.max_request_bytes`` (413/411
+before reading), at most ``api.max_concurrency`` inferences run at once (more
+get 503 with Retry-After). Errors are ``{"error": "<one line>"}``; request
+bodies are never logged; the access log is DEBUG.
 
-This module binds, runs and stops the server and caps connections; requests
-are handled by :class:`~edge_runtime.api_handler.ApiRequestHandler`.
+This module binds, runs and stops the server and runs the worker threads;
+requests are handled by :class:`~edge_runtime.api_handler.ApiRequestHandler`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.server
 import logging
+import queue
+import resource
 import socket
-import socketserver
 import stat
-import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
 from urllib.parse import quote
 
-from .api_codec import encode_error
 from .api_handler import ApiRequestHandler, HandlerContext
+from .api_intake import Conn, Intake
 from .config import ApiConfig
 from .errors import ConfigError
 from .metrics import Metrics
@@ -51,58 +51,72 @@ __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
 
-_BUSY = encode_error("too many connections; retry later")
-_BUSY_RESPONSE = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(_BUSY)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode() + _BUSY
+_BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
+_SPARE_FDS = 64  # descriptors kept for everything else the daemon opens (models, spool, MQTT)
 
 
-class _ServerMixin(socketserver.ThreadingMixIn):
-    """Connection bookkeeping shared by the TCP and unix servers."""
+class _Job:
+    """One complete request for a worker: what ApiRequestHandler reads as its ``server``."""
 
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64
-    api: ApiServer
-    context: HandlerContext  # read by ApiRequestHandler
+    __slots__ = ("conn", "context", "intake", "request")
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.api._connection_opened(request):
-            with contextlib.suppress(OSError):
-                request.settimeout(0.5)
-                request.sendall(_BUSY_RESPONSE)
-            cast(socketserver.BaseServer, super()).shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def service_actions(self) -> None:
-        self.api.progress.beat()  # serve_forever calls this every turn of its loop (poll_interval 0.1 s)
-
-    def shutdown_request(self, request: Any) -> None:
-        self.api._connection_closed(request)
-        cast(socketserver.BaseServer, super()).shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):  # the client went away mid-request
-            log.debug("API connection error: %s", error)
-        else:
-            log.exception("API connection failed")
+    def __init__(self, intake: Intake, conn: Conn, context: HandlerContext, request: bytes) -> None:
+        self.intake, self.conn, self.context, self.request = intake, conn, context, request
 
 
-class _TcpServer(_ServerMixin, http.server.HTTPServer):
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn(): a DNS lookup at start-up
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+class _Workers:
+    """Threads that answer complete requests: started on demand, up to ``limit``; idle ones end after a minute.
+
+    Nothing a worker does waits for a client's bytes (the intake received them),
+    so a thread is busy only while a request is answered.
+    """
+
+    def __init__(self, limit: int, run: Callable[[_Job], None]) -> None:
+        self._limit, self._run = limit, run
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = 0
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            start = self._idle == 0 and self._threads < self._limit
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1  # this job takes an idle one (or waits for the next to finish)
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name="api-worker", daemon=True).start()
+
+    def _work(self) -> None:
+        job: _Job | None = None
+        while True:
+            if job is not None:
+                self._run(job)
+                with self._lock:
+                    self._idle += 1
+            try:
+                job = self._jobs.get(timeout=60.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody counts on this thread: end it
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            if job is None:
+                return
 
 
-class _Tcp6Server(_TcpServer):
-    address_family = socket.AF_INET6
-
-
-class _UnixServer(_ServerMixin, socketserver.UnixStreamServer):
-    def server_bind(self) -> None:
-        super().server_bind()
-        Path(str(self.server_address)).chmod(0o660)  # before listen(): nobody can connect in between
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards ``wanted`` (up to the hard limit); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return int(soft) if soft != resource.RLIM_INFINITY else wanted
 
 
 def _host_port(listen: str) -> tuple[str, int]:
@@ -135,11 +149,12 @@ class ApiServer:
     """The inference API on ``config.listen``, serving ``service``'s models and ``metrics``.
 
     ``idle_timeout``: seconds a keep-alive connection may wait for its next
-    request line; ``request_timeout``: seconds for the headers and body once
-    it started; ``drain_timeout``: how long :meth:`stop` lets requests in
-    flight finish. ``tcp_nodelay=False`` exists only to measure the Nagle
-    pitfall (tools/bench_api.py). At most ``max_connections`` (default
-    ``4 * max_concurrency + 16``) connections are open; more get a 503.
+    request; ``request_timeout``: seconds for the head and body once it
+    started (plus a second per 64 KiB of declared body); ``drain_timeout``: how
+    long :meth:`stop` lets requests in flight finish. ``tcp_nodelay=False``
+    exists only to measure the Nagle pitfall (tools/bench_api.py). At most
+    ``max_connections`` (default ``api.max_connections``, lowered to what
+    RLIMIT_NOFILE allows) are open; then the slowest is evicted.
     """
 
     def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics, *,
@@ -147,16 +162,20 @@ class ApiServer:
                  tcp_nodelay: bool = True, max_connections: int = 0) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
-        self.max_connections = max_connections or 4 * config.max_concurrency + 16
-        self._context = HandlerContext(config, service, metrics, idle_timeout=idle_timeout,
-                                       request_timeout=request_timeout, tcp_nodelay=tcp_nodelay)
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._server: _TcpServer | _UnixServer | None = None
+        self.max_connections = max_connections or config.max_connections
+        self.idle_timeout, self.request_timeout, self.tcp_nodelay = idle_timeout, request_timeout, tcp_nodelay
+        self._context = HandlerContext(config, service, metrics)
+        self._intake: Intake | None = None
         self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
         self._socket_path: Path | None = None
         self._socket_id: tuple[int, int] | None = None
-        self.progress = Heartbeat()  # the serving loop's: a stuck accept loop stops it (edge_runtime.liveness)
+        self._progress = Heartbeat()
+
+    @property
+    def progress(self) -> Heartbeat:
+        """The intake loop's heartbeat: a loop blocked in a call stops it (edge_runtime.liveness)."""
+        return self._intake.progress if self._intake is not None else self._progress
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,65 +183,103 @@ class ApiServer:
         """Bind ``config.listen`` and serve from a daemon thread (no-op when started).
 
         A stale unix socket file (nobody listening) is removed first; any other
-        file at that path is left alone.
+        file at that path is left alone. Raises RLIMIT_NOFILE's soft limit so
+        ``max_connections`` sockets fit (lowering ``max_connections`` with a
+        warning where the hard limit is lower).
 
         Raises:
             ConfigError: the address cannot be bound (in use, permission, bad
             host, missing directory) or another process serves the socket path.
         """
-        if self._server is not None:
+        if self._intake is not None:
             return
-        listen = self.config.listen
+        listener = self._bind(self.config.listen)
+        limit = _raise_fd_limit(2 * self.max_connections + _SPARE_FDS) - _SPARE_FDS  # lingering ones too
+        connections = min(self.max_connections, max(16, limit // 2))
+        if connections < self.max_connections:
+            log.warning("API: RLIMIT_NOFILE allows %d connections, not %d (api.max_connections)",
+                        connections, self.max_connections)
         self._context.stopping = False
+        workers = _Workers(connections, self._answer)
+        intake = Intake(listener, lambda conn, request: workers.submit(_Job(intake, conn, self._context, request)),
+                        max_connections=connections, max_request_bytes=self.config.max_request_bytes,
+                        idle_timeout=self.idle_timeout, request_timeout=self.request_timeout,
+                        tcp_nodelay=self.tcp_nodelay)
+        self._intake = intake
+        self._thread = threading.Thread(target=intake.run, name="api-server", daemon=True)
+        self._thread.start()
+        log.debug("inference API listening on %s", self.url)
+
+    def _bind(self, listen: str) -> socket.socket:
         try:
             if listen.startswith("unix:"):
                 path = Path(listen[5:])
                 _clear_stale_socket(path)
-                server: _TcpServer | _UnixServer = _UnixServer(str(path), ApiRequestHandler)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.bind(str(path))
+                    path.chmod(0o660)  # before listen(): nobody can connect in between
+                    sock.listen(_BACKLOG)
+                except OSError:
+                    sock.close()
+                    raise
                 st = path.lstat()
                 self._socket_path, self._socket_id = path, (st.st_dev, st.st_ino)
-            else:
-                host, port = _host_port(listen)
-                server = (_Tcp6Server if ":" in host else _TcpServer)((host, port), ApiRequestHandler)
+                return sock
+            host, port = _host_port(listen)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses the port at once
+                sock.bind((host, port))
+                sock.listen(_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+            bound = sock.getsockname()
+            self._address = str(bound[0]), int(bound[1])
+            return sock
         except (OSError, ValueError) as e:  # ValueError: a port that is no number (config not validated)
             raise ConfigError(f"api.listen {listen!r}: cannot listen: {getattr(e, 'strerror', None) or e}") from e
-        server.api, server.context = self, self._context
-        self._server = server
-        self.progress.beat()
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="api-server", daemon=True)
-        self._thread.start()
-        log.debug("inference API listening on %s", self.url)
+
+    def _answer(self, job: _Job) -> None:
+        """A worker: answer ``job``'s request, then give its connection back to the intake."""
+        conn, keep, unread = job.conn, False, True
+        try:
+            handler = ApiRequestHandler(conn.sock, conn.peer, job)  # type: ignore[arg-type]
+            keep, unread = not handler.close_connection, handler.body_unread
+        except OSError as e:  # the client went away mid-reply
+            log.debug("API connection error: %s", e)
+        except Exception:
+            log.exception("API connection failed")
+        job.intake.give_back(conn, keep and not self._context.stopping, unread)
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish, close everything (safe to call twice).
 
         Waits up to ``drain_timeout`` seconds for requests in flight (they answer
         with ``Connection: close``), then shuts every connection down, so idle
-        keep-alive clients are not waited for; a serving loop blocked in a
+        keep-alive clients are not waited for; an intake loop blocked in a
         call is left behind (a daemon thread) after 2 s. Removes the unix
         socket file if it is still the one this server bound.
         """
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
+        intake, thread = self._intake, self._thread
+        if intake is None or thread is None:
             return
         self._context.stopping = True
-        # shutdown() waits for the serving loop to turn; a loop blocked in a call never does, so ask from
-        # another thread and wait a bounded time (liveness has withheld the watchdog for it already).
-        threading.Thread(target=server.shutdown, name="api-shutdown", daemon=True).start()
-        thread.join(2.0)  # a turning loop ends within its poll_interval; no connection is accepted after this
+        intake.stop_accepting()
+        thread.join(2.0)  # a turning loop ends within a beat; no connection is accepted after this
         if thread.is_alive():
             log.warning("API serving loop is blocked (no progress for %.1f s); not waiting for it",
-                        self.progress.age())
-        server.server_close()
+                        intake.progress.age())
+            with contextlib.suppress(OSError):
+                intake.listener.close()
         self._remove_socket_file()
         self._context.wait_idle(self.drain_timeout)
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
+        for sock in intake.busy_sockets():
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading it
-        self._server = self._thread = None
+                sock.shutdown(socket.SHUT_RDWR)  # a worker still writing gets an error and lets go
+        self._progress = intake.progress
+        self._intake = self._thread = None
 
     def __enter__(self) -> ApiServer:
         self.start()
@@ -235,7 +292,7 @@ class ApiServer:
 
     @property
     def alive(self) -> bool:
-        """True while the server thread is accepting connections."""
+        """True while the intake thread is accepting connections."""
         return self._thread is not None and self._thread.is_alive() and not self._context.stopping
 
     @property
@@ -243,10 +300,7 @@ class ApiServer:
         """(host, port) actually bound (the real port when configured with 0), or the socket path."""
         if self.config.listen.startswith("unix:"):
             return self.config.listen[5:]
-        if self._server is not None:
-            bound = cast("tuple[str, int]", self._server.server_address)
-            return str(bound[0]), int(bound[1])
-        return _host_port(self.config.listen)
+        return self._address or _host_port(self.config.listen)
 
     @property
     def url(self) -> str:
@@ -256,20 +310,6 @@ class ApiServer:
             return "http+unix://" + quote(address, safe="")
         host, port = address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    # ------------------------------------------------------------------ connections (server threads)
-
-    def _connection_opened(self, conn: socket.socket) -> bool:
-        """Track ``conn``; False (refuse it) when ``max_connections`` are open."""
-        with self._lock:
-            if len(self._connections) >= self.max_connections:
-                return False
-            self._connections.add(conn)
-            return True
-
-    def _connection_closed(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
 
     def _remove_socket_file(self) -> None:
         path, ident = self._socket_path, self._socket_id

@@ -108,6 +108,7 @@ class ApiConfig:
     listen: str = field(default="127.0.0.1:8321", metadata={"check": _listen})
     max_request_bytes: int = field(default=16 << 20, metadata={"check": in_range(1024, 1 << 31)})
     max_concurrency: int = field(default=8, metadata={"check": in_range(1, 256)})
+    max_connections: int = field(default=1024, metadata={"check": in_range(16, 65536)})
 
 
 @dataclass(frozen=True)

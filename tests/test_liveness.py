@@ -35,16 +35,16 @@ Starter = Callable[..., "tuple[Serve, NotifySocket]"]
 # as it would in a call that never returns.
 STALL_API_SITECUSTOMIZE = """
 import os, threading
-from edge_runtime import api_server
+from edge_runtime import api_intake
 
-_original = api_server._ServerMixin.process_request
+_original = api_intake.Intake._accepted
 
-def process_request(self, request, client_address):
+def _accepted(self, sock, peer):
     if os.path.exists(os.environ["EDGE_TEST_STALL_API"]):
         threading.Event().wait()
-    _original(self, request, client_address)
+    _original(self, sock, peer)
 
-api_server._ServerMixin.process_request = process_request
+api_intake.Intake._accepted = _accepted
 """
 
 
