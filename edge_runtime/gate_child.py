@@ -165,10 +165,12 @@ class _Reader(threading.Thread):
 
 
 def _tail(err: IO[bytes]) -> str:
+    """The end of the child's stderr, without the runtimes' INFO chatter, on one line."""
     err.seek(0, os.SEEK_END)
     size = err.tell()
     err.seek(max(0, size - _STDERR_TAIL))
-    return " ".join(err.read().decode("utf-8", "replace").split())
+    lines = err.read().decode("utf-8", "replace").splitlines()
+    return " ".join(" ".join(x for x in lines if not x.startswith("INFO:")).split())
 
 
 def _judge(rc: int, reader: _Reader, stderr: str, budget: ChildBudget) -> GateReport:
