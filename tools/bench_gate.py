@@ -65,6 +65,8 @@ def _inputs(work: Path, hopper: Path, count: int) -> Path:
     folder = work / f"inputs-{count}"
     folder.mkdir()
     image = cv2.imread(str(hopper))
+    if image is None:
+        raise SystemExit(f"cannot read {hopper}")
     h, w = image.shape[:2]
     for i in range(count):
         crop = image[(i * h) // 32 : h - (i * h) // 40, (i * w) // 40 : w - (i * w) // 32]
