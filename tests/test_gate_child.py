@@ -148,3 +148,20 @@ def test_serve_survives_a_memory_bomb_over_ota_and_does_not_fetch_it_again(
     finally:
         if serve.proc and serve.proc.poll() is None:
             serve.kill9()
+
+
+def test_failure_records_round_trip_strictly_and_stay_bounded(tmp_path: Path) -> None:
+    from edge_runtime.errors import CacheError
+    from edge_runtime.state_store import MAX_FAILED_VERSIONS, FailedVersion, State, decode_state
+
+    state = State()
+    for v in range(1, MAX_FAILED_VERSIONS + 3):
+        state = state.with_failure("m", FailedVersion(v, "x" * 900, "", "a" * 64, 1.5))
+    failed = decode_state(state.to_json()).model("m").failed
+    assert [f.version for f in failed] == list(range(3, MAX_FAILED_VERSIONS + 3))  # the newest kept
+    assert len(failed[0].reason) == 500
+    assert decode_state(state.without_failure("m", 5).to_json()).model("m").failure(5) is None
+    assert b'"failed"' not in State().with_model("m", highest=1).to_json()  # older runtimes still read it
+    bad = state.to_json().replace(b'"' + b"a" * 64 + b'"', b'"../etc"', 1)
+    with pytest.raises(CacheError, match=r"manifest_sha256 must be a sha256 hex digest"):
+        decode_state(bad)
