@@ -22,6 +22,7 @@ while loading``. Only a candidate that passes here is loaded into the daemon.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -91,6 +92,8 @@ def gate_in_child(directory: Path, manifest_sha256: str, *, options: BackendOpti
                     "extra": dict(options.extra)},
         "limits": dataclasses.asdict(limits),
         "memory_mb": budget.memory_mb,
+        "timeout_seconds": budget.timeout_seconds,
+        "parent": os.getpid(),
     }
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(  # our own module, run with this interpreter
@@ -221,6 +224,21 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 
 
+def _die_with_parent(parent: int, timeout_seconds: float) -> None:
+    """Never outlive the gate: a parent killed with -9 cannot kill the child's group any more.
+
+    Linux kills this process when the parent dies (PR_SET_PDEATHSIG); everywhere
+    an alarm a little after the parent's deadline ends it as a last resort.
+    """
+    signal.alarm(int(timeout_seconds) + 5)  # default action of SIGALRM: terminate, even inside C code
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
 def _fault(phase: str) -> None:
     """Test-only fault injection (see :data:`FAULT_ENV`)."""
     spec = os.environ.get(FAULT_ENV, "")
@@ -286,6 +304,7 @@ def main() -> int:
 
     try:
         request = json.loads(sys.stdin.buffer.read(_MAX_PROTOCOL_BYTES))
+        _die_with_parent(int(request["parent"]), float(request["timeout_seconds"]))
         _limit_memory(int(request["memory_mb"]))
         say(_run(request, say))
     except MemoryError as e:

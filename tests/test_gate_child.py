@@ -92,6 +92,28 @@ def test_gate_timeout_kills_the_child_process_group(tmp_path: Path, zoo: Zoo, ke
     assert not _processes_with(f"EDGE_TEST_MARKER={marker}"), "the gate child outlived its deadline"
 
 
+def test_a_gate_child_dies_with_its_killed_parent(tmp_path: Path, zoo: Zoo, keys: dict[str, Path]) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from daemon_helpers import REPO
+
+    device = make_device(tmp_path / "dev", keys)
+    bundle = pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path)
+    marker = f"EDGE_TEST_MARKER={uuid.uuid4().hex}"
+    env = dict(os.environ) | {FAULT_ENV: "gating:hang", marker.split("=")[0]: marker.split("=")[1]}
+    cli = subprocess.Popen([sys.executable, "-m", "edge_runtime", "models", "install", str(bundle),
+                            "--config", str(device.config)], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: [p for p in _processes_with(marker) if p != cli.pid], 60, "the gate child", 0.05)
+    finally:
+        cli.send_signal(signal.SIGKILL)  # the parent cannot kill the child's group any more
+        cli.wait(10)
+    wait_for(lambda: not _processes_with(marker), 10, "the orphaned gate child to die", 0.05)
+
+
 def _processes_with(entry: str) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
