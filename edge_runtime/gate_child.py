@@ -43,7 +43,7 @@ from typing import IO, Any
 from . import errors
 from .backends.base import BackendOptions
 from .config import Limits
-from .errors import EdgeRuntimeError, GateError
+from .errors import BackendUnavailableError, EdgeRuntimeError, GateError
 from .gates import GateReport, LatencyStats
 
 __all__ = ["ChildBudget", "gate_in_child", "main"]
@@ -80,6 +80,7 @@ def gate_in_child(directory: Path, manifest_sha256: str, *, options: BackendOpti
     Raises:
         GateError: the child died of a signal, exceeded its memory, timed out,
             or a gate failed; the message names the phase.
+        BackendUnavailableError: the child could not be started.
         ModelError (a subclass), IntegrityError, ManifestError: the child
             reported that error (the runtime refused the model, a file changed).
     """
@@ -96,9 +97,12 @@ def gate_in_child(directory: Path, manifest_sha256: str, *, options: BackendOpti
         "parent": os.getpid(),
     }
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(  # our own module, run with this interpreter
-            [sys.executable, "-m", "edge_runtime.gate_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=err, start_new_session=True, close_fds=True, env=_child_env())
+        try:
+            proc = subprocess.Popen(  # our own module, run with this interpreter
+                [sys.executable, "-m", "edge_runtime.gate_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err, start_new_session=True, close_fds=True, env=_child_env())
+        except OSError as e:  # the device's problem (no fork, no memory), not the candidate's: not recorded
+            raise BackendUnavailableError(f"cannot start the gate child: {e.strerror or e}") from e
         reader = _Reader(proc.stdout)  # type: ignore[arg-type]
         try:
             assert proc.stdin is not None
