@@ -182,6 +182,13 @@ class Serve:
     def get(self, path: str) -> tuple[int, bytes]:
         return self.request("GET", path)
 
+    def live(self) -> bool:
+        """Whether /v2/health/live answers 200 now (False while the API is not listening yet)."""
+        try:
+            return self.get("/v2/health/live")[0] == 200
+        except OSError:
+            return False
+
     def infer(self, model: str, x: np.ndarray) -> tuple[int, dict[str, Any]]:
         body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                        "data": x.ravel().tolist()}]}).encode()
