@@ -130,9 +130,14 @@ class Activator:
         with self._lock(name):
             report = gated
             if report is None:
-                try:
+                try:  # refused before any gate: not cached, untrusted now, or failed its gate before
                     self.store.check_not_failed(name, version, force=force)
-                    report = self.store.gate(self.cache.version_dir(name, version), self.cache.manifest(name, version))
+                    manifest = self.cache.manifest(name, version)
+                except EdgeRuntimeError as e:
+                    self.events.emit("activation_failed", model=name, version=version, reason=e.one_line())
+                    raise
+                try:
+                    report = self.store.gate(self.cache.version_dir(name, version), manifest)
                 except EdgeRuntimeError as e:
                     self.events.emit("gate_failed", model=name, version=version, reason=e.one_line())
                     raise
