@@ -2,7 +2,8 @@
 
 Like an A/B slot with a commit step::
 
-    load candidate -> golden + latency gates (warm-up) -> persist probation record
+    gate child (load + warm-up + golden + latency gates, memory and time capped)
+    -> load candidate in-process -> persist probation record
     -> atomic link swap + in-process swap -> probation (N inferences or T seconds:
     error rate, p95 vs the previous version) -> commit, or restore the previous.
 
@@ -27,7 +28,7 @@ import numpy as np
 from .config import ActivationConfig
 from .errors import CacheError, EdgeRuntimeError
 from .events import EventBus
-from .gates import check_gates, sample_feeds
+from .gates import GateReport, sample_feeds
 from .loaded_model import LoadedModel
 from .model_store import ModelStore
 from .serving import InferenceService
@@ -114,24 +115,31 @@ class Activator:
 
     # ------------------------------------------------------------------ activation
 
-    def activate(self, name: str, version: int, *, reason: str = "update") -> None:
-        """Gate a cached version, swap it in and start its probation.
+    def activate(self, name: str, version: int, *, reason: str = "update", gated: GateReport | None = None,
+                 force: bool = False) -> None:
+        """Gate a cached version in a child process, load it here, swap it in and start its probation.
+
+        ``gated`` is the report of a child gate already run on this version
+        (OTA gates before it commits an install), so it is not run twice. A
+        version whose gate failed before is refused unless ``force``.
 
         Raises:
             GateError, ModelError, IntegrityError, CacheError: the candidate was
                 refused; the previous version keeps serving (an event says why).
         """
         with self._lock(name):
+            report = gated
+            if report is None:
+                try:
+                    self.store.check_not_failed(name, version, force=force)
+                    report = self.store.gate(self.cache.version_dir(name, version), self.cache.manifest(name, version))
+                except EdgeRuntimeError as e:
+                    self.events.emit("gate_failed", model=name, version=version, reason=e.one_line())
+                    raise
             try:
                 candidate = self.store.load(name, version)
             except EdgeRuntimeError as e:
                 self.events.emit("activation_failed", model=name, version=version, reason=e.one_line())
-                raise
-            try:
-                report = check_gates(candidate)
-            except EdgeRuntimeError as e:
-                candidate.close()
-                self.events.emit("gate_failed", model=name, version=version, reason=e.one_line())
                 raise
             previous = self.cache.active_version(name)
             baseline = self.service.metrics.model_summary(name)["p95_ms"]

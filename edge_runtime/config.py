@@ -28,6 +28,7 @@ __all__ = [
     "ApiConfig",
     "BackendConfig",
     "Config",
+    "GatesConfig",
     "Limits",
     "LivenessConfig",
     "MqttConfig",
@@ -118,6 +119,14 @@ class ActivationConfig:
     p95_slack_ms: float = field(default=2.0, metadata={"check": in_range(0, 1e6)})
     max_boot_attempts: int = field(default=3, metadata={"check": in_range(1, 100)})
     drain_timeout_seconds: float = field(default=30.0, metadata={"check": in_range(0.1, 3600)})
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """The budget of the child process that loads and gates an untrusted candidate model."""
+
+    child_memory_mb: int = field(default=512, metadata={"check": in_range(64, 1 << 20)})
+    child_timeout_seconds: float = field(default=60.0, metadata={"check": in_range(1, 3600)})
 
 
 @dataclass(frozen=True)
@@ -240,6 +249,7 @@ class Config:
     device_id: str = field(default="", metadata={"check": _ident})
     api: ApiConfig = field(default_factory=ApiConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)

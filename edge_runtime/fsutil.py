@@ -165,8 +165,13 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
         OSError: unreadable or a symlink; EFBIG when larger than ``max_bytes``.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW | CLOEXEC)
+    # In chunks: read(max_bytes + 1) would allocate the whole cap up front, which a
+    # memory-capped gate child (RLIMIT_DATA) cannot afford for a 256 MB cap.
+    buf = bytearray()
     with os.fdopen(fd, "rb") as fh:
-        data = fh.read(max_bytes + 1)
+        while len(buf) <= max_bytes and (chunk := fh.read(min(1 << 20, max_bytes + 1 - len(buf)))):
+            buf += chunk
+    data = bytes(buf)
     if len(data) > max_bytes:
         raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
     return data

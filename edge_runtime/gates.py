@@ -6,6 +6,7 @@ declared tolerances and meet ``gates.latency_ms_p95`` before it may serve.
 
 from __future__ import annotations
 
+import errno
 import io
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import EdgeRuntimeError, GateError, InputError
+from .fsutil import read_capped
 from .loaded_model import LoadedModel
 from .manifest import GoldenCase
 from .preprocess import decode_image
@@ -54,10 +56,12 @@ class GateReport:
 
 
 def _load_array_file(path: Path) -> NDArray[Any] | dict[str, NDArray[Any]]:
-    with open(path, "rb") as fh:
-        data = fh.read(_MAX_GOLDEN_BYTES + 1)
-    if len(data) > _MAX_GOLDEN_BYTES:
-        raise InputError(f"golden file {path.name} is too large")
+    try:
+        data = read_capped(path, _MAX_GOLDEN_BYTES)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise InputError(f"golden file {path.name} is too large") from e
+        raise InputError(f"golden file {path.name} is unreadable: {e.strerror or e}") from e
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:

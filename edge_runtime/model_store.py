@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,16 @@ from . import __version__
 from .backends.base import BackendOptions
 from .bundle_reader import read_bundle
 from .config import Config
-from .errors import CacheError, RollbackError
-from .fsutil import remove_tree
-from .gates import GateReport, check_gates
+from .errors import BackendUnavailableError, CacheError, GateError, IntegrityError, ModelError, RollbackError
+from .fsutil import read_capped, remove_tree, sha256_file
+from .gate_child import ChildBudget, gate_in_child
+from .gates import GateReport
 from .loaded_model import LoadedModel
 from .manifest import Manifest, StagedBundle
 from .model_cache import Check, Fault, ModelCache
 from .requirements_check import check_requirements, device_tags
 from .signing import load_trusted_keys
+from .state_store import FailedVersion
 
 __all__ = ["InstallResult", "ModelStore"]
 
@@ -118,51 +122,116 @@ class ModelStore:
             manifest = self.cache.manifest(name, version)
         return LoadedModel(manifest, directory, options=self.backend_options(), limits=self.config.limits)
 
-    def gate(self, directory: Path, manifest: Manifest) -> GateReport:
-        """Load a candidate from ``directory`` and run its golden and latency gates.
+    def child_budget(self) -> ChildBudget:
+        """The memory and time budget of the gate child (``[gates]``)."""
+        gates = self.config.gates
+        return ChildBudget(gates.child_memory_mb, gates.child_timeout_seconds)
+
+    def gate(self, directory: Path, manifest: Manifest, *, bundle_sha256: str = "") -> GateReport:
+        """Load, warm up and gate the candidate in ``directory`` in a child process.
+
+        Nothing of the candidate runs in this process: a crash, a memory bomb or
+        a hang is the child's. A failure the candidate caused (a gate, a signal,
+        the memory or time budget, the runtime refusing it) marks that version
+        failed in the state (see :meth:`refusal`), with ``bundle_sha256`` when known.
 
         Raises:
-            GateError and everything :meth:`load` raises; the model is released either way.
+            GateError: a gate failed, or the child died, ran out of memory or time.
+            ModelError, IntegrityError, ManifestError: the child reported it.
         """
-        model = self.load(manifest.name, directory=directory, manifest=manifest)
         try:
-            return check_gates(model)
-        finally:
-            model.close()
+            manifest_bytes = read_capped(directory / "manifest.json", self.config.limits.max_manifest_bytes)
+        except OSError as e:
+            raise IntegrityError(f"{directory / 'manifest.json'}: unreadable: {e.strerror or e}") from e
+        manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+        try:
+            return gate_in_child(directory, manifest_sha256, options=self.backend_options(),
+                                 limits=self.config.limits, budget=self.child_budget())
+        except (GateError, ModelError) as e:
+            if not isinstance(e, BackendUnavailableError):  # the device lacks a runtime: not the model's fault
+                failed = FailedVersion(manifest.version, e.one_line(), bundle_sha256, manifest_sha256, time.time())
+                self.cache.state.update(lambda s: s.with_failure(manifest.name, failed))
+            raise
 
-    def install(self, bundle: Path, *, activate: bool = True, gates: bool = True) -> InstallResult:
+    def refusal(self, name: str, version: int, *, manifest_sha256: str = "", bundle_sha256: str = "") -> str:
+        """Why ``name`` ``version`` with this content must not be tried again ("" when it may be).
+
+        A version is refused when its gate failed before and the recorded bundle
+        or manifest sha256 matches (so a different build of the number is not).
+        """
+        failed = self.cache.state.load().model(name).failure(version)
+        if failed is None or not ((bundle_sha256 and failed.sha256 == bundle_sha256)
+                                  or (manifest_sha256 and failed.manifest_sha256 == manifest_sha256)):
+            return ""
+        return f"{name} v{version} failed its gate before ({failed.reason}); not tried again without --force"
+
+    def install(self, bundle: Path, *, activate: bool = True, gates: bool = True,
+                force: bool = False) -> InstallResult:
         """Verify, stage, (optionally) gate, commit and (optionally) activate ``bundle``.
 
-        With ``gates`` the candidate is loaded in its runtime and its golden
-        cases and latency budget are checked before anything in the cache
-        changes: a model the runtime cannot load never becomes active.
+        With ``gates`` the candidate is loaded, warmed up and gated in a child
+        process (:meth:`gate`) before anything in the cache changes, and so
+        before the anti-rollback floor rises: a model the runtime cannot load
+        or survive never becomes active, and a version whose gate failed
+        before is refused unless ``force``.
 
         Raises:
             BundleError, GateError, ModelError, CacheError, ConfigError.
         """
+        try:
+            bundle_sha256 = sha256_file(bundle)[0]
+        except OSError as e:
+            raise CacheError(f"cannot read bundle {bundle}: {e.strerror or e}") from e
         staged = self.read(bundle)
         reports: list[GateReport] = []
+        manifest = staged.manifest
         try:
-            self.cache.install(staged, check=self._gate_into(reports) if gates else None, activate=activate)
+            refused = self.refusal(manifest.name, manifest.version, bundle_sha256=bundle_sha256,
+                                   manifest_sha256=hashlib.sha256(staged.manifest_bytes).hexdigest())
+            if refused and not force:
+                raise GateError(refused)
+            check = self._gate_into(reports, bundle_sha256) if gates else None
+            self.cache.install(staged, check=check, activate=activate)
         finally:
             with contextlib.suppress(OSError):
                 remove_tree(staged.directory)  # gone already when the install committed
         return InstallResult(staged.manifest, activate, reports[0] if reports else None)
 
-    def activate(self, name: str, version: int, *, gates: bool = True) -> GateReport | None:
-        """Make a cached version active after loading and gating it.
+    def activate(self, name: str, version: int, *, gates: bool = True, force: bool = False) -> GateReport | None:
+        """Make a cached version active after gating it in a child process.
 
         Raises:
-            CacheError: not cached. GateError, ModelError: the version is unfit.
+            CacheError: not cached. GateError, ModelError: the version is unfit,
+                or its gate failed before (without ``force``).
         """
+        self.check_not_failed(name, version, force=force)
         reports: list[GateReport] = []
         self.cache.activate(name, version, check=self._gate_into(reports) if gates else None)
         return reports[0] if reports else None
 
-    def _gate_into(self, reports: list[GateReport]) -> Check:
-        """A cache ``check`` that gates the candidate and keeps its report."""
+    def check_not_failed(self, name: str, version: int, *, force: bool = False) -> None:
+        """Refuse a cached version whose gate failed before, unless ``force``.
+
+        Raises:
+            GateError: it failed before (the message gives the reason and says --force).
+            CacheError, IntegrityError: not cached, or its manifest is unreadable.
+        """
+        if force:
+            return
+        path = self.cache.version_dir(name, version) / "manifest.json"
+        try:
+            data = read_capped(path, self.config.limits.max_manifest_bytes)
+        except OSError as e:
+            raise CacheError(f"{name} v{version} is not in the cache ({e.strerror or e})") from e
+        refused = self.refusal(name, version, manifest_sha256=hashlib.sha256(data).hexdigest())
+        if refused:
+            raise GateError(refused)
+
+    def _gate_into(self, reports: list[GateReport], bundle_sha256: str = "") -> Check:
+        """A cache ``check`` that gates the candidate, keeps its report and clears an old failure mark."""
 
         def check(directory: Path, manifest: Manifest) -> None:
-            reports.append(self.gate(directory, manifest))
+            reports.append(self.gate(directory, manifest, bundle_sha256=bundle_sha256))
+            self.cache.state.update(lambda s: s.without_failure(manifest.name, manifest.version))
 
         return check

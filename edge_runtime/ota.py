@@ -127,18 +127,26 @@ class OtaUpdater:
                 continue
             if pinned_version(cache, name) is not None:  # an operator pinned it (fleet `pin`): no automatic updates
                 continue
+            refused = self.store.refusal(name, entry.version, bundle_sha256=entry.sha256)
+            if refused:  # its gate failed before: not downloaded again (a fixed build has another sha256)
+                _log.info("skipping update: %s", refused)
+                continue
             self.events.emit("update_available", model=name, version=entry.version,
                              reason=f"channel sequence {channel.sequence}")
             try:
                 results.append(self.update_from_url(entry.url, expected_sha256=entry.sha256,
-                                                    expected_size=entry.size))
+                                                    expected_size=entry.size, model=(name, entry.version)))
             except EdgeRuntimeError as e:
                 _log.warning("update of %s to v%s failed: %s", name, entry.version, e.one_line())
         return results
 
     def update_from_url(self, url: str, *, expected_sha256: str | None = None,
-                        expected_size: int | None = None) -> UpdateResult:
+                        expected_size: int | None = None, model: tuple[str, int] | None = None) -> UpdateResult:
         """Download, verify, install and activate the bundle at ``url``; a pinned model is only installed.
+
+        The candidate is gated in a child process before the install commits.
+        ``model`` (name, version) is what the channel announced: it names the
+        ``update_failed`` event of a bundle refused before its manifest is known.
 
         Raises:
             FetchError, BundleError, GateError, ModelError: nothing changed, or
@@ -149,16 +157,18 @@ class OtaUpdater:
             # A name derived from the URL lets a later attempt resume a cut download.
             dest = cache.staging_root() / f"download-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bundle"
             where = redact_url(url)
-            name, version = "", 0
+            name, version = model or ("", 0)
             try:
                 self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
                                            expected_size=expected_size, expected_sha256=expected_sha256)
-                result = self.store.install(dest, activate=False, gates=False)
+                # Gated in a child before the install commits, so the floor rises only for a
+                # version that passed; a crash, memory bomb or hang is the child's (README).
+                result = self.store.install(dest, activate=False, gates=True)
                 name, version = result.manifest.name, result.manifest.version
                 self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
                 dest.unlink(missing_ok=True)
                 if pin_refusal(cache, name, version) is None:  # a pinned model only gets the version installed
-                    self.activator.activate(name, version, reason=f"OTA update from {where}")
+                    self.activator.activate(name, version, reason=f"OTA update from {where}", gated=result.gates)
             except EdgeRuntimeError as e:
                 if not isinstance(e, FetchError):  # the fetcher keeps a resumable partial
                     dest.unlink(missing_ok=True)

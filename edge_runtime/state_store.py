@@ -1,8 +1,9 @@
 """The persistent state of the model cache: ``<state>/state.json``, typed and locked.
 
 Per model name it records the anti-rollback floor (``highest`` version ever
-installed), an optional ``pinned`` version and the ``probation`` record of a
-freshly activated version; globally a ``boot_count``. On disk it is JSON with a
+installed), an optional ``pinned`` version, the ``probation`` record of a
+freshly activated version and the versions whose gate ``failed`` (not retried
+without ``--force``); globally a ``boot_count``. On disk it is JSON with a
 ``schema`` number, replaced with temp + fsync + rename so a crash leaves the old
 or the new file, never a torn one.
 
@@ -34,8 +35,10 @@ from .manifest import is_valid_name
 
 __all__ = [
     "LOCK_FILE",
+    "MAX_FAILED_VERSIONS",
     "STATE_FILE",
     "STATE_SCHEMA",
+    "FailedVersion",
     "ModelState",
     "Probation",
     "State",
@@ -48,6 +51,10 @@ STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
 MAX_STATE_BYTES = 4 << 20
 _MAX_INT = 2**53
+#: Gate failures remembered per model (the newest); older ones may be retried.
+MAX_FAILED_VERSIONS = 16
+_MAX_REASON = 500
+_SHA256_CHARS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,33 @@ class Probation:
 
 
 @dataclass(frozen=True)
+class FailedVersion:
+    """A version whose gate failed: OTA and ``models activate/install`` refuse it without ``--force``.
+
+    ``sha256`` is the bundle's (empty when a cached version was gated, with no
+    bundle at hand); ``manifest_sha256`` that of its signed manifest bytes;
+    ``at`` a Unix timestamp.
+    """
+
+    version: int
+    reason: str
+    sha256: str
+    manifest_sha256: str
+    at: float
+
+
+@dataclass(frozen=True)
 class ModelState:
     """What is remembered about one model name."""
 
     highest: int = 0
     pinned: int | None = None
     probation: Probation | None = None
+    failed: tuple[FailedVersion, ...] = ()
+
+    def failure(self, version: int) -> FailedVersion | None:
+        """The recorded gate failure of ``version``, if any."""
+        return next((f for f in self.failed if f.version == version), None)
 
 
 @dataclass(frozen=True)
@@ -98,13 +126,31 @@ class State:
         """This state if ``name``'s anti-rollback floor is already at least ``version``, else a raised copy."""
         return self if self.model(name).highest >= version else self.with_model(name, highest=version)
 
+    def with_failure(self, name: str, failed: FailedVersion) -> State:
+        """A copy that records ``failed`` for ``name`` (replacing that version's record; newest kept)."""
+        reason = failed.reason[:_MAX_REASON]
+        kept = [f for f in self.model(name).failed if f.version != failed.version]
+        kept.append(dataclasses.replace(failed, reason=reason))
+        return self.with_model(name, failed=tuple(kept[-MAX_FAILED_VERSIONS:]))
+
+    def without_failure(self, name: str, version: int) -> State:
+        """This state if ``version`` of ``name`` has no failure recorded, else a copy without it."""
+        if self.model(name).failure(version) is None:
+            return self
+        return self.with_model(name, failed=tuple(f for f in self.model(name).failed if f.version != version))
+
     def to_json(self) -> bytes:
         """The on-disk form: sorted, indented JSON with the schema number."""
+        models = {}
+        for k, v in sorted(self.models.items()):
+            models[k] = dataclasses.asdict(v)
+            if not v.failed:
+                del models[k]["failed"]  # the pre-"failed" form, so an older runtime still reads it
         doc = {
             "schema": STATE_SCHEMA,
             "boot_count": self.boot_count,
             "channel_sequence": self.channel_sequence,
-            "models": {k: dataclasses.asdict(v) for k, v in sorted(self.models.items())},
+            "models": models,
         }
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
 
@@ -156,6 +202,29 @@ def _probation(raw: object, where: str) -> Probation | None:
     )
 
 
+def _sha256(f: _Obj, key: str, *, empty: bool) -> str:
+    value = f.value(key)
+    if not isinstance(value, str) or not ((empty and not value) or
+                                          (len(value) == 64 and set(value) <= _SHA256_CHARS)):
+        raise CacheError(f"{f.where}.{key} must be a sha256 hex digest")
+    return value
+
+
+def _failed(raw: object, where: str) -> tuple[FailedVersion, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_FAILED_VERSIONS:
+        raise CacheError(f"{where} must be a list of at most {MAX_FAILED_VERSIONS} records")
+    out = []
+    for i, item in enumerate(raw):
+        f = _Obj(item, f"{where}[{i}]", ("version", "reason", "sha256", "manifest_sha256", "at"))
+        reason = f.value("reason")
+        if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+            raise CacheError(f"{f.where}.reason must be a string of at most {_MAX_REASON} characters")
+        out.append(FailedVersion(version=f.int_("version", 1), reason=reason,
+                                 sha256=_sha256(f, "sha256", empty=True),
+                                 manifest_sha256=_sha256(f, "manifest_sha256", empty=False), at=f.float_("at")))
+    return tuple(out)
+
+
 def decode_state(data: bytes, where: str = STATE_FILE) -> State:
     """Parse state-file bytes strictly.
 
@@ -179,11 +248,12 @@ def decode_state(data: bytes, where: str = STATE_FILE) -> State:
         if not is_valid_name(name):  # manifest.name's rule: every name in the state is a directory name
             raise CacheError(f"{where}.models has an invalid model name {name!r}")
         mw = f"{where}.models[{name!r}]"
-        f = _Obj(raw, mw, ("highest", "pinned", "probation"))
+        f = _Obj(raw, mw, ("highest", "pinned", "probation", "failed"))
         models[name] = ModelState(
             highest=f.int_("highest"),
             pinned=f.opt_int("pinned"),
             probation=_probation(f.value("probation"), f"{mw}.probation"),
+            failed=_failed(f.obj["failed"], f"{mw}.failed") if "failed" in f.obj else (),
         )
     sequence = top.int_("channel_sequence") if "channel_sequence" in top.obj else 0
     return State(boot_count=top.int_("boot_count"), models=models, channel_sequence=sequence)

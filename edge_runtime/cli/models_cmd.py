@@ -29,7 +29,8 @@ def _gate_json(report: GateReport | None) -> dict[str, Any] | None:
 
 
 def _install(ctx: Context, args: argparse.Namespace) -> int:
-    result = ctx.store.install(args.bundle, activate=not args.no_activate, gates=not args.no_gates)
+    result = ctx.store.install(args.bundle, activate=not args.no_activate, gates=not args.no_gates,
+                               force=args.force)
     m = result.manifest
     state = "active" if result.active else "installed, not active"
     emit(ctx, {"name": m.name, "version": m.version, "active": result.active, "gates": _gate_json(result.gates)},
@@ -52,7 +53,7 @@ def _list(ctx: Context, args: argparse.Namespace) -> int:
 def _activate(ctx: Context, args: argparse.Namespace) -> int:
     if (refused := pin_refusal(ctx.store.cache, args.name, args.version)) is not None:
         raise CacheError(refused)  # the same precedence as the MQTT commands: the pin wins
-    report = ctx.store.activate(args.name, args.version, gates=not args.no_gates)
+    report = ctx.store.activate(args.name, args.version, gates=not args.no_gates, force=args.force)
     emit(ctx, {"name": args.name, "active": args.version, "gates": _gate_json(report)},
          f"{args.name} v{args.version} is active ({_gate_text(report)})")
     return 0
@@ -85,6 +86,7 @@ def register(verbs: Any) -> None:
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--no-activate", action="store_true", help="install into the cache only")
     p.add_argument("--no-gates", action="store_true", help="skip loading and golden/latency gates")
+    p.add_argument("--force", action="store_true", help="try a version whose gate failed before")
     p.set_defaults(handler=_install)
 
     p = verb_parser(sub, "list", "list cached models, versions, active/previous and floors")
@@ -94,6 +96,7 @@ def register(verbs: Any) -> None:
     p.add_argument("name")
     p.add_argument("version", type=int)
     p.add_argument("--no-gates", action="store_true", help="skip golden/latency gates")
+    p.add_argument("--force", action="store_true", help="try a version whose gate failed before")
     p.set_defaults(handler=_activate)
 
     p = verb_parser(sub, "rollback", "go back to the previous version (or --to a cached one)")
