@@ -1,10 +1,11 @@
 """A short seeded run of the model fuzzers (tools/fuzz_models.py, tools/fuzz_serve.py): validly signed
 mutants of the real models, installed by the real CLI and taken over OTA by a real daemon.
 
-It includes a REAL crashing model: mutant face_detection:1:430 (14 bytes flipped) makes the bare
-LiteRT interpreter die of SIGSEGV, which the first test checks in a child before the others rely
-on it. The gate must contain that crash: a one-line refusal naming the signal, the CLI and the
-daemon alive, the original still serving. The long run is by command (README, "Fuzzing").
+It includes a REAL crashing model: mutant face_detection:1:615 (10 bytes flipped) makes the bare
+LiteRT interpreter die of SIGSEGV, even under the gate child's 512 MB data cap, which the first test
+checks in a child before the others rely on it. The gate must contain that crash: a one-line refusal
+naming the signal, the CLI and the daemon alive, the original still serving.
+The long run is by command (README, "Fuzzing").
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CRASHER = "face_detection:1:430"
+CRASHER = "face_detection:1:615"
 FAILURES = ("crash", "hang", "bad-refusal", "lost-previous")
 
 

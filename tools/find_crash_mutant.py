@@ -6,7 +6,9 @@ Usage:
 
 Each mutant (named ``model:seed:index``, see tools/fuzz_mutants.py) is loaded
 and run once on a real input by the bare runtime, with no edge_runtime code,
-in a child process. A child killed by a signal is a crashing mutant: its name,
+in a child process, under the data-segment cap the gate child sets for itself
+(``--mem-limit-mb``, default 512: some mutants only crash where a huge
+allocation succeeds, and fail cleanly under the cap). A child killed by a signal is a crashing mutant: its name,
 kind, changed offsets and signal are printed, one line each, until ``--want``
 are found. Tests and tools/fuzz_models.py then use the name to get the same
 bytes, so they gate a REAL crashing model, not a simulated one.
@@ -24,18 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from fuzz_mutants import KINDS, PROFILES, Mutant, crash_child_source, make_mutant, real_inputs
+from fuzz_mutants import KINDS, PROFILES, Mutant, crash_child_source, limited, make_mutant, real_inputs
 
 __all__ = ["bare_crash", "search"]
 
 
-def bare_crash(mutant: Mutant, fmt: str, work: Path, x_path: Path, timeout: float = 60.0) -> str:
-    """Run ``mutant`` in the bare runtime in a child: the signal name if it died of one, else ''."""
+def bare_crash(mutant: Mutant, fmt: str, work: Path, x_path: Path, mem_limit_mb: int = 0,
+               timeout: float = 60.0) -> str:
+    """Run ``mutant`` in the bare runtime in a child (under RLIMIT_DATA ``mem_limit_mb``, as the
+    gate child caps itself; 0: none): the signal name if it died of one, else ''."""
     model = work / f"{mutant.label.replace(':', '-')}.{fmt}"
     model.write_bytes(mutant.data)
+    argv = [sys.executable, "-c", crash_child_source(), str(model), fmt, str(x_path)]
     try:
-        proc = subprocess.run([sys.executable, "-c", crash_child_source(), str(model), fmt, str(x_path)],
-                              capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(limited(argv, mem_limit_mb, "RLIMIT_DATA"), capture_output=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return "timeout"
     finally:
@@ -44,7 +49,7 @@ def bare_crash(mutant: Mutant, fmt: str, work: Path, x_path: Path, timeout: floa
 
 
 def search(model: str, seed: int, start: int, count: int, kinds: tuple[str, ...], want: int,
-           jobs: int) -> list[dict[str, object]]:
+           jobs: int, mem_limit_mb: int = 0) -> list[dict[str, object]]:
     """Mutants ``start..start+count`` of ``model`` (only ``kinds``) that crash the bare runtime."""
     profile = PROFILES[model]
     original = profile.path().read_bytes()
@@ -57,7 +62,7 @@ def search(model: str, seed: int, start: int, count: int, kinds: tuple[str, ...]
 
         def probe(index: int) -> tuple[Mutant, str]:
             mutant = make_mutant(model, original, seed, index)
-            return mutant, bare_crash(mutant, profile.format, work, x_path)
+            return mutant, bare_crash(mutant, profile.format, work, x_path, mem_limit_mb)
 
         with ThreadPoolExecutor(jobs) as pool:
             for mutant, how in pool.map(probe, candidates):
@@ -76,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="flip,overwrite", help=f"comma-separated, of {','.join(KINDS)}")
     parser.add_argument("--want", type=int, default=3, help="stop reporting after this many")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--mem-limit-mb", type=int, default=512,
+                        help="RLIMIT_DATA of the child, as the gate child's [gates] child_memory_mb (0: none); "
+                             "some mutants SIGSEGV only where a huge allocation succeeds")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON at the end")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if unknown := set(kinds) - set(KINDS):
         parser.error(f"unknown kinds {sorted(unknown)}")
-    found = search(args.model, args.seed, args.start, args.count, kinds, args.want, args.jobs)
+    found = search(args.model, args.seed, args.start, args.count, kinds, args.want, args.jobs,
+                   args.mem_limit_mb)
     if args.json:
         print(json.dumps(found, indent=1))
     print(f"{len(found)} crashing mutant(s) among indices {args.start}..{args.start + args.count - 1}",

@@ -56,6 +56,7 @@ from fuzz_mutants import (
     Mutant,
     Profile,
     Publisher,
+    limited,
     make_mutant,
     make_publisher,
     model_name,
@@ -113,16 +114,6 @@ class Outcome:
     seconds: float = 0.0
     detail: str = ""
     publisher_check: str = ""  # what `bundle pack` would have refused the model for ('' = nothing)
-
-
-def limited(argv: list[str], mem_limit_mb: int) -> list[str]:
-    """``argv`` run under RLIMIT_AS (set in a tiny exec wrapper: preexec_fn is unsafe with threads)."""
-    if mem_limit_mb <= 0:
-        return argv
-    limit = mem_limit_mb << 20
-    wrapper = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
-               "os.execv(sys.argv[1], sys.argv[1:])")
-    return [sys.executable, "-c", wrapper, *argv]
 
 
 def run_child(argv: list[str], timeout: float, mem_limit_mb: int) -> tuple[int | None, str, float]:

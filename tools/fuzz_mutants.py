@@ -45,8 +45,8 @@ from edge_runtime.model_zoo import fetch
 from edge_runtime.onnx_external import check_no_external_data
 from edge_runtime.signing import load_private_key
 
-__all__ = ["KINDS", "PROFILES", "Mutant", "Profile", "bare_outputs", "make_mutant", "pack", "publisher_check",
-           "real_inputs"]
+__all__ = ["KINDS", "PROFILES", "Mutant", "Profile", "bare_outputs", "limited", "make_mutant", "pack",
+           "publisher_check", "real_inputs"]
 
 KINDS = ("flip", "overwrite", "truncate", "duplicate", "huge32")
 Array = NDArray[Any]
@@ -269,6 +269,17 @@ def pack(publisher: Publisher, model: Path, version: int, out: Path) -> Path:
 def model_name(profile: Profile) -> str:
     """The bundle name of a fuzzed model (zoo keys use '_', bundle names may not)."""
     return "fuzz-" + profile.key.replace("_", "-")
+
+
+def limited(argv: list[str], mem_limit_mb: int, limit: str = "RLIMIT_AS") -> list[str]:
+    """``argv`` run under the resource ``limit`` of ``mem_limit_mb`` (0: none), set in a tiny exec
+    wrapper (preexec_fn is unsafe in a threaded parent). RLIMIT_DATA is what the gate child caps."""
+    if mem_limit_mb <= 0:
+        return argv
+    cap = mem_limit_mb << 20
+    wrapper = (f"import os, resource, sys; resource.setrlimit(resource.{limit}, ({cap}, {cap})); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", wrapper, *argv]
 
 
 def crash_child_source() -> str:
