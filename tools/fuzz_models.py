@@ -114,6 +114,7 @@ class Outcome:
     seconds: float = 0.0
     detail: str = ""
     publisher_check: str = ""  # what `bundle pack` would have refused the model for ('' = nothing)
+    native_lines: int = 0  # other stderr lines (the runtimes' own INFO/ERROR prints), not ours
 
 
 def run_child(argv: list[str], timeout: float, mem_limit_mb: int) -> tuple[int | None, str, float]:
@@ -254,6 +255,7 @@ def fuzz_one(bench: Bench, mutant: Mutant, args: argparse.Namespace) -> Outcome:
     rc, err, seconds = run_child(install_cmd(config, bundle), args.budget, args.mem_limit_mb)
     outcome.returncode, outcome.seconds = rc, round(seconds, 2)
     outcome.outcome, outcome.stage, outcome.message = judge_cli(rc, err)
+    outcome.native_lines = sum(1 for line in err.splitlines() if line.strip() and not line.startswith("error: "))
     name = model_name(bench.profile)
     if outcome.outcome in FAILURES:
         outcome.detail = err.strip()[-2000:]
