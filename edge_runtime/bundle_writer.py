@@ -55,10 +55,20 @@ from .onnx_external import check_no_external_data
 from .requirements_check import format_timestamp, parse_runtime_requirement, parse_timestamp
 from .signing import key_id, sign_document
 
-__all__ = ["GOLDEN_EXPECTED_SUFFIXES", "GOLDEN_INPUT_SUFFIXES", "BundleSpec", "GoldenSource", "pack_bundle"]
+__all__ = [
+    "DEFAULT_GOLDEN_CASES",
+    "GOLDEN_EXPECTED_SUFFIXES",
+    "GOLDEN_INPUT_SUFFIXES",
+    "BundleSpec",
+    "GoldenSource",
+    "golden_inputs",
+    "pack_bundle",
+]
 
 GOLDEN_INPUT_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GOLDEN_EXPECTED_SUFFIXES = (".npy", ".npz")
+#: Golden cases ``bundle pack --golden-dir`` packs by default: one case is a weak gate (issue 9 §2).
+DEFAULT_GOLDEN_CASES = 8
 _MTIME = 0  # fixed, so identical inputs give byte-identical bundles
 _USTAR_NAME, _USTAR_PREFIX = 100, 155
 
@@ -99,6 +109,28 @@ class BundleSpec:
     reference: Path | None = None
     created: str | None = None
     expires: str = ""
+
+
+def golden_inputs(directory: Path, count: int = DEFAULT_GOLDEN_CASES) -> list[Path]:
+    """``count`` golden inputs picked evenly from ``directory`` (its images and .npy files, by name).
+
+    All of them when there are fewer. Hidden files and other suffixes are skipped.
+
+    Raises:
+        BundleError: the directory is unreadable or holds no usable input; ``count`` < 1.
+    """
+    if count < 1:
+        raise BundleError(f"the number of golden cases must be at least 1, got {count}")
+    try:
+        found = sorted(p for p in directory.iterdir()
+                       if not p.name.startswith(".") and p.suffix.lower() in GOLDEN_INPUT_SUFFIXES and p.is_file())
+    except OSError as e:
+        raise BundleError(f"cannot read golden dir {directory}: {e.strerror or e}") from e
+    if not found:
+        raise BundleError(f"golden dir {directory} has no input ({', '.join(GOLDEN_INPUT_SUFFIXES)})")
+    if len(found) <= count:
+        return found
+    return [found[i * len(found) // count] for i in range(count)]
 
 
 def pack_bundle(out: Path, spec: BundleSpec, keys: Sequence[Ed25519PrivateKey]) -> Manifest:

@@ -22,6 +22,7 @@ while loading``. Only a candidate that passes here is loaded into the daemon.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ from typing import IO, Any
 from . import errors
 from .backends.base import BackendOptions
 from .config import Limits
-from .errors import EdgeRuntimeError, GateError
+from .errors import BackendUnavailableError, EdgeRuntimeError, GateError
 from .gates import GateReport, LatencyStats
 
 __all__ = ["ChildBudget", "gate_in_child", "main"]
@@ -79,6 +80,7 @@ def gate_in_child(directory: Path, manifest_sha256: str, *, options: BackendOpti
     Raises:
         GateError: the child died of a signal, exceeded its memory, timed out,
             or a gate failed; the message names the phase.
+        BackendUnavailableError: the child could not be started.
         ModelError (a subclass), IntegrityError, ManifestError: the child
             reported that error (the runtime refused the model, a file changed).
     """
@@ -91,11 +93,16 @@ def gate_in_child(directory: Path, manifest_sha256: str, *, options: BackendOpti
                     "extra": dict(options.extra)},
         "limits": dataclasses.asdict(limits),
         "memory_mb": budget.memory_mb,
+        "timeout_seconds": budget.timeout_seconds,
+        "parent": os.getpid(),
     }
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(  # our own module, run with this interpreter
-            [sys.executable, "-m", "edge_runtime.gate_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=err, start_new_session=True, close_fds=True, env=_child_env())
+        try:
+            proc = subprocess.Popen(  # our own module, run with this interpreter
+                [sys.executable, "-m", "edge_runtime.gate_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err, start_new_session=True, close_fds=True, env=_child_env())
+        except OSError as e:  # the device's problem (no fork, no memory), not the candidate's: not recorded
+            raise BackendUnavailableError(f"cannot start the gate child: {e.strerror or e}") from e
         reader = _Reader(proc.stdout)  # type: ignore[arg-type]
         try:
             assert proc.stdin is not None
@@ -165,10 +172,12 @@ class _Reader(threading.Thread):
 
 
 def _tail(err: IO[bytes]) -> str:
+    """The end of the child's stderr, without the runtimes' INFO chatter, on one line."""
     err.seek(0, os.SEEK_END)
     size = err.tell()
     err.seek(max(0, size - _STDERR_TAIL))
-    return " ".join(err.read().decode("utf-8", "replace").split())
+    lines = err.read().decode("utf-8", "replace").splitlines()
+    return " ".join(" ".join(x for x in lines if not x.startswith("INFO:")).split())
 
 
 def _judge(rc: int, reader: _Reader, stderr: str, budget: ChildBudget) -> GateReport:
@@ -217,6 +226,21 @@ def _limit_memory(memory_mb: int) -> None:
     """Cap the data segment (heap and private mappings); thread stacks and code are not counted."""
     cap = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+
+def _die_with_parent(parent: int, timeout_seconds: float) -> None:
+    """Never outlive the gate: a parent killed with -9 cannot kill the child's group any more.
+
+    Linux kills this process when the parent dies (PR_SET_PDEATHSIG); everywhere
+    an alarm a little after the parent's deadline ends it as a last resort.
+    """
+    signal.alarm(int(timeout_seconds) + 5)  # default action of SIGALRM: terminate, even inside C code
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
 
 
 def _fault(phase: str) -> None:
@@ -284,6 +308,7 @@ def main() -> int:
 
     try:
         request = json.loads(sys.stdin.buffer.read(_MAX_PROTOCOL_BYTES))
+        _die_with_parent(int(request["parent"]), float(request["timeout_seconds"]))
         _limit_memory(int(request["memory_mb"]))
         say(_run(request, say))
     except MemoryError as e:

@@ -21,7 +21,7 @@ from .activation import Activator
 from .channel import parse_channel
 from .commands import pin_refusal, pinned_version
 from .config import OtaConfig
-from .errors import EdgeRuntimeError, FetchError
+from .errors import EdgeRuntimeError, FetchError, GateError, ModelError
 from .events import EventBus
 from .fetcher import Fetcher
 from .http_fetcher import HttpFetcher
@@ -158,12 +158,14 @@ class OtaUpdater:
             dest = cache.staging_root() / f"download-{hashlib.sha256(url.encode()).hexdigest()[:16]}.bundle"
             where = redact_url(url)
             name, version = model or ("", 0)
+            installed = False
             try:
                 self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
                                            expected_size=expected_size, expected_sha256=expected_sha256)
                 # Gated in a child before the install commits, so the floor rises only for a
                 # version that passed; a crash, memory bomb or hang is the child's (README).
                 result = self.store.install(dest, activate=False, gates=True)
+                installed = True
                 name, version = result.manifest.name, result.manifest.version
                 self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
                 dest.unlink(missing_ok=True)
@@ -172,6 +174,8 @@ class OtaUpdater:
             except EdgeRuntimeError as e:
                 if not isinstance(e, FetchError):  # the fetcher keeps a resumable partial
                     dest.unlink(missing_ok=True)
+                if isinstance(e, (GateError, ModelError)) and not installed:  # the child gate refused it
+                    self.events.emit("gate_failed", model=name, version=version or None, reason=e.one_line())
                 self.events.emit("update_failed", model=name, version=version or None,
                                  reason=f"{where}: {e.one_line()}")
                 raise

@@ -13,11 +13,11 @@ from typing import Any
 from ..backends import create_backend
 from ..backends.base import BackendOptions, TensorInfo
 from ..bundle_reader import inspect_bundle, read_bundle
-from ..bundle_writer import BundleSpec, GoldenSource, pack_bundle
+from ..bundle_writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
 from ..errors import ConfigError, InputError, ManifestError
 from ..manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
 from ..signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
-from ..typed_toml import build, load_toml
+from ..typed_toml import build, in_range, load_toml
 from .common import Context, emit, verb_parser
 
 __all__ = ["SpecFile", "load_spec", "register"]
@@ -40,6 +40,8 @@ class SpecFile:
     expires: str = ""
     golden_rtol: float = 1e-3
     golden_atol: float = 1e-4
+    golden_dir: Path | None = None
+    golden_cases: int = field(default=DEFAULT_GOLDEN_CASES, metadata={"check": in_range(1, 1000)})
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     preprocess: Preprocess | None = None
@@ -112,10 +114,24 @@ def _keygen(ctx: Context, args: argparse.Namespace) -> int:
 
 def _pack(ctx: Context, args: argparse.Namespace) -> int:
     keys = [load_private_key(k) for k in args.key]
-    manifest = pack_bundle(args.output, build_bundle_spec(args, load_spec(args.spec)), keys)
-    info = _summary(manifest) | {"output": str(args.output), "signatures": len(keys)}
+    spec = load_spec(args.spec)
+    golden_dir = args.golden_dir or spec.golden_dir
+    with tempfile.TemporaryDirectory(prefix="edge-runtime-golden-") as tmp:
+        if golden_dir is not None:
+            from .tools_cmd import golden_from_dir  # here, not at the top: tools_cmd imports this module
+
+            picked = golden_inputs(golden_dir, args.golden_cases or spec.golden_cases)
+            limits = ctx.config.limits
+            args.golden = [*args.golden, *golden_from_dir(args.model, args.spec, picked, Path(tmp),
+                                                          limits.max_image_bytes, limits.max_image_pixels)]
+        manifest = pack_bundle(args.output, build_bundle_spec(args, spec), keys)
+    cases = len(manifest.golden)
+    info = _summary(manifest) | {"output": str(args.output), "signatures": len(keys), "golden_cases": cases}
+    note = "" if golden_dir is not None else (
+        "; no --golden-dir: " + (f"only the {cases} --golden case(s) given" if cases else "no golden case")
+        + f" (--golden-dir DIR packs {DEFAULT_GOLDEN_CASES})")
     emit(ctx, info, f"packed {manifest.name} v{manifest.version} ({manifest.format}, {info['bytes']} bytes, "
-                    f"{len(keys)} signature(s)) -> {args.output}")
+                    f"{len(keys)} signature(s), {cases} golden case(s)) -> {args.output}{note}")
     return 0
 
 
@@ -177,6 +193,11 @@ def register(verbs: Any) -> None:
     p.add_argument("--spec", type=Path, help="SPEC.toml: inputs, preprocess, postprocess, labels, gates")
     p.add_argument("--golden", nargs=2, action="append", default=[], metavar=("INPUT", "EXPECTED"),
                    help="golden case: input (.npy or image) and expected outputs (.npy/.npz)")
+    p.add_argument("--golden-dir", type=Path, metavar="DIR",
+                   help="golden inputs (images, .npy): expected outputs computed here with this model")
+    p.add_argument("--golden-cases", type=int, default=0, metavar="N",
+                   help=f"how many to pick evenly from --golden-dir (default: spec's golden_cases, "
+                        f"{DEFAULT_GOLDEN_CASES})")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
     p.set_defaults(handler=_pack)
 

@@ -29,7 +29,7 @@ from ..quantize import find_inputs, load_samples, quantize_onnx, require_quantiz
 from .bundle_cmd import SpecFile, load_spec
 from .common import Context, emit, verb_parser
 
-__all__ = ["register", "write_golden"]
+__all__ = ["golden_from_dir", "register", "write_golden"]
 
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 # Preprocess flags -> Preprocess fields; a flag left out keeps the spec's value (or the default).
@@ -252,6 +252,38 @@ def write_golden(ctx: Context, args: argparse.Namespace) -> int:
     emit(ctx, {"output": str(args.output), "outputs": shapes},
          f"wrote {args.output}: {', '.join(f'{k}{v}' for k, v in shapes.items())}")
     return 0
+
+
+def golden_from_dir(model: Path, spec: Path | None, inputs: Sequence[Path], out_dir: Path,
+                    max_bytes: int, max_pixels: int) -> list[tuple[Path, Path]]:
+    """``bundle pack --golden-dir``: (input, expected .npz) for each of ``inputs``, written into ``out_dir``.
+
+    The model file runs once per input through the spec's ``[preprocess]``, as
+    ``bundle golden`` does (the publisher's runtime gives the expected outputs).
+
+    Raises:
+        ManifestError/InputError/ModelError: bad spec, unreadable input, a
+            multi-input model, or the model cannot run.
+    """
+    args = argparse.Namespace(model=model, spec=spec, shape=None, input=None,
+                              **{f"pre_{k}": None for k in _PRE_FLAGS})
+    target = _file_target(args, 0, False)
+    cases = []
+    try:
+        if len(target.backend.inputs) != 1:  # the others would be random: not a reproducible case
+            raise InputError(f"{model.name} has {len(target.backend.inputs)} inputs; golden cases "
+                             "from --golden-dir need a single-input model")
+        for i, path in enumerate(inputs):
+            args.input = path
+            outputs = target.backend.infer(_feeds(target, args, max_bytes, max_pixels))
+            expected = out_dir / f"{i}.expected.npz"
+            with open(expected, "wb") as fh:
+                savez: Callable[..., None] = np.savez
+                savez(fh, **outputs)
+            cases.append((path, expected))
+    finally:
+        target.close()
+    return cases
 
 
 def _table(target: _Target, threads: int, shapes: dict[str, list[int]], r: BenchResult) -> str:
