@@ -2,7 +2,7 @@
 
 Usage:
     python tools/fuzz_models.py [--seed 1] [--count 40] [--models face_detection,ppocr_cls,okay_nabu]
-                                [--jobs 2] [--golden 1] [--heldout 8] [--budget 120] [--mem-limit-mb 3072]
+                                [--jobs 2] [--golden 8] [--heldout 8] [--budget 120] [--mem-limit-mb 3072]
                                 [--mutant MODEL:SEED:INDEX ...] [--out fuzz.json]
 
 For each model a fresh publisher key signs bundles whose golden cases the bare
@@ -65,6 +65,7 @@ from fuzz_mutants import (
     real_inputs,
 )
 
+from edge_runtime.bundle_writer import DEFAULT_GOLDEN_CASES
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.manifest import Gates
 from edge_runtime.model_cache import ModelCache
@@ -327,7 +328,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
     p.add_argument("--mutant", action="append", default=[], metavar="MODEL:SEED:INDEX", help="add this mutant")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--golden", type=int, default=1, help="golden cases per bundle")
+    p.add_argument("--golden", type=int, default=DEFAULT_GOLDEN_CASES,
+                   help="golden cases per bundle (default: bundle pack --golden-dir's)")
     p.add_argument("--heldout", type=int, default=8, help="held-out real inputs for accepted mutants")
     p.add_argument("--latency-ms", type=float, default=5000.0, help="the bundles' gates.latency_ms_p95")
     p.add_argument("--budget", type=float, default=120.0, help="seconds before an install counts as a hang")

@@ -58,6 +58,7 @@ from fuzz_mutants import (
 from make_channel import publish
 from ppocr_bench_kit import free_port
 
+from edge_runtime.bundle_writer import DEFAULT_GOLDEN_CASES
 from edge_runtime.events import read_events
 from edge_runtime.manifest import Gates
 from edge_runtime.oip_types import datatype_of
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0, help="first mutant index")
     p.add_argument("--models", default="face_detection,ppocr_cls", help=f"comma-separated, of {','.join(PROFILES)}")
     p.add_argument("--mutant", action="append", default=[], metavar="MODEL:SEED:INDEX", help="add this mutant")
-    p.add_argument("--golden", type=int, default=1, help="golden cases per bundle")
+    p.add_argument("--golden", type=int, default=DEFAULT_GOLDEN_CASES,
+                   help="golden cases per bundle (default: bundle pack --golden-dir's)")
     p.add_argument("--heldout", type=int, default=4, help="held-out real inputs")
     p.add_argument("--budget", type=float, default=120.0, help="seconds for one mutant to end in an event")
     p.add_argument("--mem-limit-mb", type=int, default=3072, help="RLIMIT_AS of the daemon (0: none)")
