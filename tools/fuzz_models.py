@@ -19,9 +19,10 @@ subprocess, on its own copy of that state dir. Outcomes:
   wrong means an output differs from the original's beyond the bundle's golden
   tolerance (or the child died on one of them).
 - FAILURES: crash (the CLI died of a signal, exited other than 0/1, or printed
-  a traceback), hang (still running after ``--budget`` s: killed with its
-  process group), bad-refusal (not one ``error:`` line) and lost-previous
-  (refused, but v1 is no longer active).
+  a traceback), hang (still running after ``--budget`` s, default 120: the gate
+  child's 60 s deadline plus start-up and install; killed with its process
+  group), bad-refusal (not one ``error:`` line) and lost-previous (refused, but
+  v1 is no longer active).
 
 Prints a table per model and exits 1 when any failure occurred. ``--out``
 writes every outcome as JSON. A mutant is named MODEL:SEED:INDEX and rebuilt
