@@ -23,7 +23,7 @@ CRASHER = "face_detection:1:615"
 FAILURES = ("crash", "hang", "bad-refusal", "lost-previous")
 
 
-def _tool(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _tool(script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(REPO / "tools" / script), *args], capture_output=True, text=True,
                           timeout=timeout, check=False, cwd=REPO)
 

@@ -271,14 +271,20 @@ def model_name(profile: Profile) -> str:
     return "fuzz-" + profile.key.replace("_", "-")
 
 
-def limited(argv: list[str], mem_limit_mb: int, limit: str = "RLIMIT_AS") -> list[str]:
+def limited(argv: list[str], mem_limit_mb: int, limit: str = "RLIMIT_AS", *,
+            die_with_parent: bool = False) -> list[str]:
     """``argv`` run under the resource ``limit`` of ``mem_limit_mb`` (0: none), set in a tiny exec
-    wrapper (preexec_fn is unsafe in a threaded parent). RLIMIT_DATA is what the gate child caps."""
-    if mem_limit_mb <= 0:
+    wrapper (preexec_fn is unsafe in a threaded parent). RLIMIT_DATA is what the gate child caps.
+    ``die_with_parent`` adds PR_SET_PDEATHSIG (Linux): a daemon never outlives a killed harness."""
+    steps = []
+    if mem_limit_mb > 0:
+        cap = mem_limit_mb << 20
+        steps.append(f"import resource; resource.setrlimit(resource.{limit}, ({cap}, {cap}))")
+    if die_with_parent:
+        steps.append("import ctypes, signal; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)")
+    if not steps:
         return argv
-    cap = mem_limit_mb << 20
-    wrapper = (f"import os, resource, sys; resource.setrlimit(resource.{limit}, ({cap}, {cap})); "
-               "os.execv(sys.argv[1], sys.argv[1:])")
+    wrapper = "; ".join([*steps, "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"])
     return [sys.executable, "-c", wrapper, *argv]
 
 

@@ -143,8 +143,8 @@ class OtaFuzz:
     def start(self) -> None:
         err = open(self.root / "serve.err", "ab")  # noqa: SIM115 - handed to the child
         argv = [sys.executable, "-m", "edge_runtime", "serve", "--config", str(self.config)]
-        self.proc = subprocess.Popen(limited(argv, self.args.mem_limit_mb), stdout=subprocess.DEVNULL, stderr=err,
-                                     cwd=REPO)
+        self.proc = subprocess.Popen(limited(argv, self.args.mem_limit_mb, die_with_parent=True),
+                                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
         err.close()
 
     @property
