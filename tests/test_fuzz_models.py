@@ -5,7 +5,7 @@ It includes a REAL crashing model: mutant face_detection:1:615 (10 bytes flipped
 LiteRT interpreter die of SIGSEGV, even under the gate child's 512 MB data cap, which the first test
 checks in a child before the others rely on it. The gate must contain that crash: a one-line refusal
 naming the signal, the CLI and the daemon alive, the original still serving.
-The long run is by command (README, "Fuzzing").
+The long run is by command (README, "Benchmarks").
 """
 
 from __future__ import annotations
