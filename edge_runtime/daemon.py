@@ -21,25 +21,25 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .activation import Activator
-from .api_server import ApiServer
-from .config import Config, PipelineConfig
-from .events import EventBus
-from .fsutil import make_private_dir
-from .instance_lock import InstanceLock
-from .liveness import Liveness
-from .metrics import Metrics
-from .model_store import ModelStore
-from .ota import OtaUpdater
-from .pipeline import Pipeline, SourceFactory
-from .runtime_settings import RuntimeSettings
-from .sdnotify import Notifier
-from .serving import InferenceService
-from .sources import MqttInputs, Source, build_source
-from .state_recovery import LOST, recover_state
+from edge_runtime._util.fsutil import make_private_dir
+from edge_runtime.api.server import ApiServer
+from edge_runtime.cache.instance_lock import InstanceLock
+from edge_runtime.cache.state_recovery import LOST, recover_state
+from edge_runtime.commands.runtime_settings import RuntimeSettings
+from edge_runtime.config.model import Config, PipelineConfig
+from edge_runtime.liveness import Liveness
+from edge_runtime.pipelines.pipeline import Pipeline, SourceFactory
+from edge_runtime.pipelines.sources import MqttInputs, Source, build_source
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.telemetry.sdnotify import Notifier
+from edge_runtime.update.activation import Activator
+from edge_runtime.update.ota import OtaUpdater
+from edge_runtime.update.store import ModelStore
 
 if TYPE_CHECKING:
-    from .mqtt_bridge import MqttBridge
+    from edge_runtime.commands.bridge import MqttBridge
 
 __all__ = ["Component", "Daemon", "print_result"]
 
@@ -84,7 +84,7 @@ class Daemon:
         # Created before start so that every event from the first one on reaches the spool.
         self.mqtt: MqttBridge | None = None
         if config.mqtt.enabled:
-            from .mqtt_bridge import MqttBridge  # paho and the command code load only when used
+            from edge_runtime.commands.bridge import MqttBridge  # paho and the command code load only when used
 
             self.mqtt = MqttBridge(self)
         self.api: ApiServer | None = None

@@ -1,7 +1,7 @@
 """Liveness that means progress: the supervisor's verdict on whether to feed the systemd watchdog.
 
 Every supervisor tick :meth:`Liveness.check` reads the heartbeats
-(:mod:`.progress`) of each pipeline's source and worker threads and of the
+(:mod:`edge_runtime._util.progress`) of each pipeline's source and worker threads and of the
 API's serving loop, publishes their ages in the metrics, and decides:
 
 - a **source** without progress for over ``liveness.stall_seconds`` (blocked
@@ -28,14 +28,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .events import EventBus
-from .liveness_config import LivenessConfig
-from .metrics import Metrics
-from .progress import Clock, RestartBudget
+from edge_runtime._util.progress import Clock, RestartBudget
+from edge_runtime.config.liveness import LivenessConfig
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
-    from .api_server import ApiServer
-    from .pipeline import Pipeline
+    from edge_runtime.api.server import ApiServer
+    from edge_runtime.pipelines.pipeline import Pipeline
 
 __all__ = ["Liveness"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.signing import sign_document
+from edge_runtime.bundle.signing import sign_document
 
 
 @dataclass

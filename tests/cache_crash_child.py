@@ -18,9 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_runtime.manifest import StagedBundle
-from edge_runtime.manifest_parse import parse_manifest
-from edge_runtime.model_cache import ModelCache
+from edge_runtime.bundle.manifest import StagedBundle
+from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.cache.versions import ModelCache
 
 
 def main(argv: list[str]) -> int:

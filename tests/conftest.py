@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.model_zoo import MODELS, fetch
-from edge_runtime.signing import generate_keypair
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.devtools.model_zoo import MODELS, fetch
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("EDGE_RUNTIME_MODEL_CACHE", REPO / ".cache" / "models"))

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from http_fault_server import FaultServer, Route
 
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle
-from edge_runtime.channel import ChannelEntry, build_channel
-from edge_runtime.events import read_events
-from edge_runtime.manifest import Gates, Postprocess, TensorSpec
-from edge_runtime.signing import load_private_key, sign_document
+from edge_runtime.bundle.manifest import Gates, Postprocess, TensorSpec
+from edge_runtime.bundle.signing import load_private_key, sign_document
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.telemetry.events import read_events
+from edge_runtime.update.channel import ChannelEntry, build_channel
 
 REPO = Path(__file__).resolve().parent.parent
 LENIENT_GATES = Gates(latency_ms_p95=5000.0)
@@ -135,8 +135,8 @@ class Channel:
 
 
 def _manifest_bytes(bundle: Path) -> bytes:
-    from edge_runtime.bundle_reader import inspect_bundle
-    from edge_runtime.config import Limits
+    from edge_runtime.bundle.reader import inspect_bundle
+    from edge_runtime.config.model import Limits
 
     return inspect_bundle(bundle, Limits()).manifest_bytes
 

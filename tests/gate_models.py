@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 from cli_helpers import FACE_SPEC, bare_face_outputs, face_tensor
 
-from edge_runtime.backends import create_backend
-from edge_runtime.backends.base import BackendOptions
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.bundle.manifest import Postprocess, TensorSpec
+from edge_runtime.bundle.signing import load_private_key
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
 from edge_runtime.cli.bundle_cmd import SpecFile
-from edge_runtime.manifest import Postprocess, TensorSpec
-from edge_runtime.signing import load_private_key
-from edge_runtime.typed_toml import build, parse_toml
+from edge_runtime.config.typed_toml import build, parse_toml
+from edge_runtime.runtime.backends import create_backend
+from edge_runtime.runtime.backends.base import BackendOptions
 
 #: (offset, new byte) of face_detection_short_range.tflite that make LiteRT segfault.
 FACE_CRASH_PATCH = ((1994, 236), (6776, 124), (21316, 68), (65173, 12), (67443, 107), (104123, 24),

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_runtime.spool import Spool
+from edge_runtime.mqtt.spool import Spool
 
 
 def main(argv: list[str]) -> int:

@@ -16,15 +16,15 @@ import pytest
 from daemon_helpers import Channel, pack_onnx, ppocr_input
 from http_fault_server import FaultServer
 
-from edge_runtime.activation import Activator
-from edge_runtime.config import ActivationConfig, Config, OtaConfig
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.config.model import ActivationConfig, Config, OtaConfig
 from edge_runtime.errors import IncompatibleError, InferenceError, SignatureError
-from edge_runtime.events import EventBus
-from edge_runtime.manifest import Gates
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.ota import OtaUpdater
-from edge_runtime.serving import InferenceService
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.activation import Activator
+from edge_runtime.update.ota import OtaUpdater
+from edge_runtime.update.store import ModelStore
 
 Zoo = Callable[[str], Path]
 

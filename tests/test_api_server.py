@@ -27,16 +27,16 @@ import pytest
 from cli_helpers import FACE_SPEC, PPOCR_SPEC, cli
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_runtime.api_codec import decode_infer_request, encode_infer_response
-from edge_runtime.api_server import ApiServer
-from edge_runtime.backends.base import TensorInfo
-from edge_runtime.config import ApiConfig, BackendConfig, Config
+from edge_runtime.api.codec import decode_infer_request, encode_infer_response
+from edge_runtime.api.server import ApiServer
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.config.model import ApiConfig, BackendConfig, Config
 from edge_runtime.errors import ConfigError, InferenceError, InputError
-from edge_runtime.loaded_model import LoadedModel
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.serving import InferenceService
-from edge_runtime.signing import generate_keypair
+from edge_runtime.runtime.backends.base import TensorInfo
+from edge_runtime.runtime.loaded_model import LoadedModel
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.store import ModelStore
 
 PPOCR, FACE = "ppocr-cls", "face"
 PPOCR_OUT = "save_infer_model/scale_0.tmp_1"

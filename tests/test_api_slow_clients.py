@@ -26,7 +26,7 @@ from daemon_helpers import REPO, Serve, ppocr_input, wait_for, write_config
 from test_api_server import INFER, Gate, connect, json_infer_body, ppocr_tensor, start, still_answers
 from test_cli import pack_ppocr
 
-from edge_runtime.serving import InferenceService
+from edge_runtime.runtime.service import InferenceService
 
 models, service = test_api_server.models, test_api_server.service  # its fixtures: real models, loaded once here
 SANITY_SECONDS = 5.0  # not a performance claim: a starved server answers 503 or never

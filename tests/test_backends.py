@@ -25,16 +25,11 @@ import pytest
 from ai_edge_litert import schema_py_generated as tfl_schema
 from ai_edge_litert.interpreter import Interpreter
 
-from edge_runtime import backends
-from edge_runtime.backends import BackendOptions, TensorInfo, create_backend, dequantize, quantize
-from edge_runtime.backends.onnx_backend import OnnxBackend, plan_providers
-from edge_runtime.errors import (
-    BackendUnavailableError,
-    InferenceError,
-    InputError,
-    ModelLoadError,
-)
-from edge_runtime.fsutil import sha256_file
+from edge_runtime._util.fsutil import sha256_file
+from edge_runtime.errors import BackendUnavailableError, InferenceError, InputError, ModelLoadError
+from edge_runtime.runtime import backends
+from edge_runtime.runtime.backends import BackendOptions, TensorInfo, create_backend, dequantize, quantize
+from edge_runtime.runtime.backends.onnx_backend import OnnxBackend, plan_providers
 
 Zoo = Callable[[str], Path]
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -123,7 +118,7 @@ def test_public_surface() -> None:
 def test_tflite_does_not_import_onnxruntime(zoo: Zoo) -> None:
     code = (
         "import sys; from pathlib import Path\n"
-        "from edge_runtime.backends import create_backend, BackendOptions\n"
+        "from edge_runtime.runtime.backends import create_backend, BackendOptions\n"
         f"b = create_backend('tflite', Path({str(zoo('face_detection'))!r}), BackendOptions())\n"
         "print(b.format, 'onnxruntime' in sys.modules)\n"
     )
@@ -135,7 +130,7 @@ def test_tflite_does_not_import_onnxruntime(zoo: Zoo) -> None:
 
 def test_onnx_runtime_missing_is_backend_unavailable(zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.delitem(sys.modules, "edge_runtime.backends.onnx_backend")
+    monkeypatch.delitem(sys.modules, "edge_runtime.runtime.backends.onnx_backend")
     with pytest.raises(BackendUnavailableError, match="pip install onnxruntime"):
         create_backend("onnx", zoo("ppocr_cls"), BackendOptions())
 
@@ -286,7 +281,7 @@ def test_plan_version_cannot_escape_cache_dir(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(TRT in ort.get_available_providers(), reason="this onnxruntime has TensorRT")
 def test_backend_logs_why_accelerators_were_skipped(zoo: Zoo, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="edge_runtime.backends.onnx_backend")
+    caplog.set_level(logging.INFO, logger="edge_runtime.runtime.backends.onnx_backend")
     backend = create_backend("onnx", zoo("ppocr_cls"), BackendOptions(providers=(TRT, CUDA, CPU)))
     assert backend.description.endswith(" CPUExecutionProvider")
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -310,7 +305,7 @@ def test_failed_accelerators_are_retried_without(
             raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {providers[0][0]} cannot initialise")
         return ort.InferenceSession(path, sess_options=so, providers=[CPU])
 
-    caplog.set_level(logging.WARNING, logger="edge_runtime.backends.onnx_backend")
+    caplog.set_level(logging.WARNING, logger="edge_runtime.runtime.backends.onnx_backend")
     model = zoo("ppocr_cls")
     backend = OnnxBackend(model, BackendOptions(providers=(TRT, CUDA, CPU), cache_dir=tmp_path),
                           session_factory=factory)

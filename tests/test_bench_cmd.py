@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from cli_helpers import PPOCR_SPEC, cli, make_device
 
-from edge_runtime.backends.base import TensorInfo
-from edge_runtime.benchmark import compare, random_feeds
+from edge_runtime.devtools.benchmark import compare, random_feeds
 from edge_runtime.errors import InputError
+from edge_runtime.runtime.backends.base import TensorInfo
 
 Zoo = Callable[[str], Path]
 

@@ -33,10 +33,16 @@ from bundle_helpers import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from onnx import TensorProto, helper
 
-from edge_runtime import requirements_check
-from edge_runtime.bundle_reader import inspect_bundle, read_bundle
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle
-from edge_runtime.config import Limits
+from edge_runtime._util.fsutil import sha256_file
+from edge_runtime.bundle import requirements as requirements_check
+from edge_runtime.bundle.manifest import Gates, Manifest, Postprocess, Preprocess, Requires, StagedBundle, TensorSpec
+from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.bundle.reader import inspect_bundle, read_bundle
+from edge_runtime.bundle.requirements import check_requirements, device_tags
+from edge_runtime.bundle.signing import key_id, load_private_key, load_trusted_keys
+from edge_runtime.bundle.tar_stream import TarReader
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.config.model import Limits
 from edge_runtime.errors import (
     BundleError,
     IncompatibleError,
@@ -47,20 +53,6 @@ from edge_runtime.errors import (
     SizeLimitError,
     UnsafeBundleError,
 )
-from edge_runtime.fsutil import sha256_file
-from edge_runtime.manifest import (
-    Gates,
-    Manifest,
-    Postprocess,
-    Preprocess,
-    Requires,
-    StagedBundle,
-    TensorSpec,
-)
-from edge_runtime.manifest_parse import parse_manifest
-from edge_runtime.requirements_check import check_requirements, device_tags
-from edge_runtime.signing import key_id, load_private_key, load_trusted_keys
-from edge_runtime.tar_stream import TarReader
 
 LABELS = b"0\n180\n"
 
@@ -272,7 +264,7 @@ def test_pack_needs_a_key(kit: Kit, zoo: Callable[[str], Path]) -> None:
 def test_pack_detects_a_source_changing_between_passes(
     kit: Kit, zoo: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("edge_runtime.bundle_writer.sha256_file", lambda p: ("0" * 64, sha256_file(p)[1]))
+    monkeypatch.setattr("edge_runtime.bundle.writer.sha256_file", lambda p: ("0" * 64, sha256_file(p)[1]))
     with pytest.raises(BundleError, match="changed while packing"):
         pack_bundle(kit.tmp / "b.tar", make_spec(kit.tmp, zoo("ppocr_cls")), [kit.keys["a"]])
     assert not (kit.tmp / "b.tar").exists()
@@ -687,7 +679,7 @@ def test_device_tags(monkeypatch: pytest.MonkeyPatch, machine: str, tags: set[st
 def test_library_does_not_import_onnx() -> None:
     """The onnx package is a dev dependency; devices scan models without it."""
     code = (
-        "import sys, edge_runtime.bundle_reader, edge_runtime.bundle_writer, edge_runtime.onnx_external;"
+        "import sys, edge_runtime.bundle.reader, edge_runtime.bundle.writer, edge_runtime.bundle.onnx_external;"
         "print('onnx' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

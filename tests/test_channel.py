@@ -17,12 +17,12 @@ from bundle_helpers import encode, head, manifest_doc, payload_members, write_ta
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_fault_server import FaultServer, Route
 
-from edge_runtime.bundle_reader import inspect_bundle
-from edge_runtime.channel import Channel, ChannelEntry, build_channel, parse_channel
-from edge_runtime.config import Limits
+from edge_runtime.bundle.reader import inspect_bundle
+from edge_runtime.bundle.signing import load_private_key, load_trusted_keys, sign_document
+from edge_runtime.config.model import Limits
 from edge_runtime.errors import IncompatibleError, ManifestError, SignatureError
-from edge_runtime.http_fetcher import HttpFetcher
-from edge_runtime.signing import load_private_key, load_trusted_keys, sign_document
+from edge_runtime.update.channel import Channel, ChannelEntry, build_channel, parse_channel
+from edge_runtime.update.transport import HttpFetcher
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

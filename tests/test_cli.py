@@ -14,7 +14,7 @@ import pytest
 from bundle_helpers import Member, encode, head, manifest_doc, member_offsets, payload_members, write_tar
 from cli_helpers import FACE_SPEC, PPOCR_SPEC, Device, bare_face_outputs, cli, face_tensor, make_device
 
-from edge_runtime.signing import load_private_key
+from edge_runtime.bundle.signing import load_private_key
 
 
 @pytest.fixture()

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.command_auth import SIGNED_VERBS, CommandAuth, new_command, sign_command
-from edge_runtime.command_ledger import CommandLedger
-from edge_runtime.command_parse import Command, Reply
-from edge_runtime.commands import Dispatcher
+from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_trusted_keys, sign_document
+from edge_runtime.commands.auth import SIGNED_VERBS, CommandAuth, new_command, sign_command
+from edge_runtime.commands.handlers import Dispatcher
+from edge_runtime.commands.ledger import CommandLedger
+from edge_runtime.commands.parse import Command, Reply
 from edge_runtime.errors import CommandError
-from edge_runtime.signing import generate_keypair, key_id, load_private_key, load_trusted_keys, sign_document
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = 1_767_225_600.0

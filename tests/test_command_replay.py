@@ -23,10 +23,10 @@ from mqtt_broker import Broker, mosquitto_binary
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_mqtt_daemon import DEVICE, TOP, Operator, Watcher, _try, mqtt_config
 
-from edge_runtime.command_ledger import CommandLedger
-from edge_runtime.command_parse import Command, Reply
-from edge_runtime.commands import CLOCK_FLOOR, Dispatcher
-from edge_runtime.log_limit import RepeatFilter
+from edge_runtime._util.log_limit import RepeatFilter
+from edge_runtime.commands.handlers import CLOCK_FLOOR, Dispatcher
+from edge_runtime.commands.ledger import CommandLedger
+from edge_runtime.commands.parse import Command, Reply
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 Zoo = Callable[[str], Path]

@@ -20,15 +20,15 @@ from daemon_helpers import pack_onnx
 from http_fault_server import FaultServer, Route
 from test_activation import Rig
 
-from edge_runtime.command_ledger import CommandLedger
-from edge_runtime.command_parse import Command, Reply, best_effort_id, load_object, parse_command
-from edge_runtime.commands import DeviceCommands, Dispatcher, pinned_version
-from edge_runtime.config import Config, MqttConfig, OtaConfig
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.commands.handlers import DeviceCommands, Dispatcher, pinned_version
+from edge_runtime.commands.ledger import CommandLedger
+from edge_runtime.commands.parse import Command, Reply, best_effort_id, load_object, parse_command
+from edge_runtime.commands.runtime_settings import RuntimeSettings
+from edge_runtime.config.model import Config, MqttConfig, OtaConfig
 from edge_runtime.errors import CommandError
-from edge_runtime.manifest import Gates
-from edge_runtime.ota import OtaUpdater
-from edge_runtime.runtime_settings import RuntimeSettings
-from edge_runtime.signing import generate_keypair
+from edge_runtime.update.ota import OtaUpdater
 
 Zoo = Callable[[str], Path]
 MODEL = "ppocr-cls"

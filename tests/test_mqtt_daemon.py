@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_runtime.command_auth import new_command, sign_command
-from edge_runtime.signing import generate_keypair, load_private_key
+from edge_runtime.bundle.signing import generate_keypair, load_private_key
+from edge_runtime.commands.auth import new_command, sign_command
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 Zoo = Callable[[str], Path]

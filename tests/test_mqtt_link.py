@@ -23,12 +23,12 @@ from mqtt_broker import Broker, Collector, mosquitto_binary
 from paho.mqtt.packettypes import PacketTypes
 from tls_helpers import make_pki
 
-from edge_runtime.config import MqttConfig
+from edge_runtime.config.model import MqttConfig
 from edge_runtime.errors import ConfigError, LinkError
-from edge_runtime.mqtt_link import Message, MqttLink, max_packet_bytes
-from edge_runtime.mqtt_parts import backoff_delay
-from edge_runtime.mqtt_session import new_properties
-from edge_runtime.mqtt_tls import MAX_PASSWORD_BYTES, read_password
+from edge_runtime.mqtt.link import Message, MqttLink, max_packet_bytes
+from edge_runtime.mqtt.parts import backoff_delay
+from edge_runtime.mqtt.session import new_properties
+from edge_runtime.mqtt.tls import MAX_PASSWORD_BYTES, read_password
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 
@@ -182,8 +182,8 @@ def test_tls_files_without_tls_are_refused(tmp_path: Path) -> None:
 
 _VICTIM = """
 import sys, time
-from edge_runtime.config import MqttConfig
-from edge_runtime.mqtt_link import MqttLink
+from edge_runtime.config.model import MqttConfig
+from edge_runtime.mqtt.link import MqttLink
 link = MqttLink(MqttConfig(enabled=True, host="127.0.0.1", port=int(sys.argv[1]), keepalive_seconds=5),
                 "victim", will=("edge/victim/status", b"offline-will"))
 link.start()
@@ -313,7 +313,7 @@ def test_watchdog_restarts_a_dead_network_thread(broker: _Broker, links: list[Mq
             clients.append(self)
 
     got: list[bytes] = []
-    caplog.set_level(logging.INFO, logger="edge_runtime.mqtt_link")
+    caplog.set_level(logging.INFO, logger="edge_runtime.mqtt.link")
     watcher = Collector(broker, "edge/dev1/status", client_id="watcher")
     link = started(links, make_config(broker), subscribe={"edge/dev1/cmd/+": lambda m: got.append(m.payload)},
                    watchdog_seconds=0.05, client_class=SpyClient, will=("edge/dev1/status", b"offline-will"))

@@ -11,12 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_runtime.bundle.onnx_external import ExternalDataRef, check_no_external_data, find_external_data
 from edge_runtime.errors import ManifestError, UnsafeBundleError
-from edge_runtime.onnx_external import (
-    ExternalDataRef,
-    check_no_external_data,
-    find_external_data,
-)
 
 OPSET = [helper.make_opsetid("", 17)]
 

@@ -18,19 +18,19 @@ from cli_helpers import Device, face_tensor, make_device
 from daemon_helpers import wait_for
 from test_cli import pack_face
 
-from edge_runtime.backends.base import Backend
-from edge_runtime.config import Limits, PipelineConfig, SourceConfig, load_config
-from edge_runtime.decode_budget import shared_budget
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.config.model import Limits, PipelineConfig, SourceConfig, load_config
 from edge_runtime.errors import InferenceError
-from edge_runtime.events import EventBus
-from edge_runtime.loaded_model import LoadedModel
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.pipeline import Pipeline
-from edge_runtime.serving import InferenceService
-from edge_runtime.signing import generate_keypair
-from edge_runtime.sources import Item, Source, SourceContext, build_source
-from edge_runtime.sources.folder import state_db_path
+from edge_runtime.pipelines.pipeline import Pipeline
+from edge_runtime.pipelines.sources import Item, Source, SourceContext, build_source
+from edge_runtime.pipelines.sources.folder import state_db_path
+from edge_runtime.runtime.backends.base import Backend
+from edge_runtime.runtime.decode_budget import shared_budget
+from edge_runtime.runtime.loaded_model import LoadedModel
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.store import ModelStore
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_runtime.bundle.manifest import Postprocess, Preprocess
 from edge_runtime.errors import InputError, ManifestError
-from edge_runtime.manifest import Postprocess, Preprocess
-from edge_runtime.postprocess import Postprocessor, parse_labels
-from edge_runtime.preprocess import Preprocessor, decode_image, image_dimensions, load_npy
+from edge_runtime.runtime.postprocess import Postprocessor, parse_labels
+from edge_runtime.runtime.preprocess import Preprocessor, decode_image, image_dimensions, load_npy
 
 BIG = 1 << 30
 

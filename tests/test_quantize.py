@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import PPOCR_SPEC, cli
 
 from edge_runtime.cli import main
+from edge_runtime.devtools.quantize import find_inputs
 from edge_runtime.errors import InputError
-from edge_runtime.quantize import find_inputs
 
 Zoo = Callable[[str], Path]
 

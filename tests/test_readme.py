@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.bundle_cmd import SpecFile
-from edge_runtime.config import Config, PipelineConfig, SourceConfig
+from edge_runtime.config.model import Config, PipelineConfig, SourceConfig
+from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.errors import ConfigError
-from edge_runtime.typed_toml import build, parse_toml
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

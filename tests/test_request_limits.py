@@ -39,13 +39,13 @@ from test_api_server import (
 )
 from test_cli import pack_ppocr
 
-from edge_runtime.api_server import ApiServer
-from edge_runtime.config import Limits
-from edge_runtime.decode_budget import DecodeBudget, shared_budget
+from edge_runtime.api.server import ApiServer
+from edge_runtime.config.model import Limits
 from edge_runtime.errors import InputError
-from edge_runtime.preprocess import decode_cost, decode_image
-from edge_runtime.serving import InferenceService
-from edge_runtime.tensor_limits import load_npz, parse_npy
+from edge_runtime.runtime.decode_budget import DecodeBudget, shared_budget
+from edge_runtime.runtime.preprocess import decode_cost, decode_image
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.runtime.tensor_limits import load_npz, parse_npy
 
 FACE_INFER = f"/v2/models/{FACE}/infer"
 # The API tests' fixtures (real models packed and installed once per module, a server on loopback).

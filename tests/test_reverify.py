@@ -19,14 +19,14 @@ import pytest
 from cli_helpers import PPOCR_SPEC, Device, cli, make_device
 from daemon_helpers import Serve, pack_onnx, ppocr_input, wait_for, write_config
 
-from edge_runtime.activation import Activator
-from edge_runtime.config import ActivationConfig, Config
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.config.model import ActivationConfig, Config
 from edge_runtime.errors import IntegrityError, SignatureError
-from edge_runtime.events import EventBus
-from edge_runtime.manifest import Gates
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.serving import InferenceService
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.activation import Activator
+from edge_runtime.update.store import ModelStore
 
 Zoo = Callable[[str], Path]
 SIGNATURE_NOW = "manifest signature does not verify with the keys trusted now"

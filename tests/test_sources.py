@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from daemon_helpers import wait_for
 
-from edge_runtime.config import Limits, SourceConfig
+from edge_runtime._util.retry_policy import redact_url
+from edge_runtime.config.model import Limits, SourceConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.events import EventBus
-from edge_runtime.metrics import Metrics
-from edge_runtime.retry_policy import redact_url
-from edge_runtime.sources import NoSource, Source, SourceContext, build_source
-from edge_runtime.sources.capture import CaptureSource, backoff_delay
-from edge_runtime.sources.folder import FolderSource, state_db_path
+from edge_runtime.pipelines.sources import NoSource, Source, SourceContext, build_source
+from edge_runtime.pipelines.sources.capture import CaptureSource, backoff_delay
+from edge_runtime.pipelines.sources.folder import FolderSource, state_db_path
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
 
 POLL = 0.02
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.errors import EdgeRuntimeError, InputError
-from edge_runtime.spool import SEQ_RESERVE, Spool
+from edge_runtime.mqtt.spool import SEQ_RESERVE, Spool
 
 CHILD = Path(__file__).with_name("spool_child.py")
 
@@ -214,7 +214,7 @@ def test_every_returned_append_survives_kill_9(db: Path) -> None:
 def test_garbage_file_is_moved_aside_and_recreated(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     db.parent.mkdir(mode=0o700)
     db.write_bytes(b"this is not sqlite" * 500)
-    with caplog.at_level(logging.WARNING, logger="edge_runtime.spool"), open_spool(db) as spool:
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.mqtt.spool"), open_spool(db) as spool:
         assert spool.append("t", payload) == 1
         assert [m.seq for m in spool.peek(5)] == [1]
     assert "moved aside" in caplog.text
@@ -233,7 +233,8 @@ def _fill_and_corrupt(db: Path, n: int) -> None:
 
 def test_damaged_pages_at_open_keep_seqs_and_count_the_loss(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     _fill_and_corrupt(db, 3000)
-    with caplog.at_level(logging.WARNING, logger="edge_runtime.spool"), open_spool(db, max_messages=100_000) as spool:
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.mqtt.spool"), \
+            open_spool(db, max_messages=100_000) as spool:
         assert "moved aside" in caplog.text
         assert spool.pending == 0
         seq = spool.append("t", payload)

@@ -21,7 +21,7 @@ from daemon_helpers import Serve, pack_onnx, wait_for, write_config
 from mqtt_broker import Broker, mosquitto_binary
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.spool import Spool
+from edge_runtime.mqtt.spool import Spool
 
 
 @contextlib.contextmanager

@@ -94,7 +94,7 @@ def test_a_kept_channel_document_that_does_not_verify_gives_no_sequence(tmp_path
     """A planted ``channel.last`` (not signed by a trusted key) cannot set the sequence."""
     import base64
 
-    from edge_runtime.signing import load_private_key, sign_document
+    from edge_runtime.bundle.signing import load_private_key, sign_document
 
     config, state, _ = write_config(tmp_path / "device", keys["trust_dir"])
     cli("models", "install", pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.cache.state import STATE_SCHEMA, ModelState, Probation, State, StateStore, decode_state
 from edge_runtime.errors import CacheError
-from edge_runtime.state_store import STATE_SCHEMA, ModelState, Probation, State, StateStore, decode_state
 
 
 def bump(name: str) -> Callable[[State], State]:
@@ -119,7 +119,7 @@ def test_threads_do_not_lose_updates(tmp_path: Path) -> None:
 WORKER = """
 import sys
 from pathlib import Path
-from edge_runtime.state_store import StateStore
+from edge_runtime.cache.state import StateStore
 store = StateStore(Path(sys.argv[1]))
 print("ready", flush=True)
 sys.stdin.readline()  # start both processes' loops together

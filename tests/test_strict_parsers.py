@@ -20,6 +20,7 @@ from cli_helpers import Device, make_device
 from daemon_helpers import Channel, Serve, pack_onnx, wait_for, write_config
 from http_fault_server import FaultServer, Route
 
+from edge_runtime.bundle.signing import load_private_key
 from edge_runtime.errors import (
     CacheError,
     CommandError,
@@ -31,8 +32,7 @@ from edge_runtime.errors import (
     SignatureError,
     UnsafeBundleError,
 )
-from edge_runtime.http_fetcher import HttpFetcher
-from edge_runtime.signing import load_private_key
+from edge_runtime.update.transport import HttpFetcher
 
 Zoo = Callable[[str], Path]
 LABELS = b"0\n180\n"
@@ -164,7 +164,7 @@ def test_ota_superscript_content_length_is_update_failed_and_polling_goes_on(
 def _range_in_another_script(tmp: Path) -> None:
     """A 206 whose Content-Range has Arabic-Indic digits (which http.client's latin-1 cannot carry,
     but another transport could): a fault injected under the real Fetcher policy."""
-    from edge_runtime.fetcher import Fetcher
+    from edge_runtime.update.fetcher import Fetcher
 
     class Reply:
         status, reason = 206, "Partial Content"
@@ -189,7 +189,7 @@ def _range_in_another_script(tmp: Path) -> None:
 
 
 def _tar_reader(tmp: Path, pax: dict[str, str]) -> None:
-    from edge_runtime.tar_stream import TarReader
+    from edge_runtime.bundle.tar_stream import TarReader
 
     path = write_tar(tmp / "t.tar", [Member("labels.txt", LABELS, pax=pax)])
     with path.open("rb") as fh:
@@ -198,7 +198,7 @@ def _tar_reader(tmp: Path, pax: dict[str, str]) -> None:
 
 def _pax_keyword_twice(tmp: Path) -> None:
     """tarfile writes a keyword once: overwrite the 19-byte comment record with a second 19-byte path record."""
-    from edge_runtime.tar_stream import TarReader
+    from edge_runtime.bundle.tar_stream import TarReader
 
     path = write_tar(tmp / "t.tar", [Member("x", LABELS, pax={"path": "labels.txt", "comment": "aaaaaaa"})])
     raw = path.read_bytes()
@@ -209,21 +209,21 @@ def _pax_keyword_twice(tmp: Path) -> None:
 
 
 def _signature_doc() -> None:
-    from edge_runtime.signing import verify_threshold
+    from edge_runtime.bundle.signing import verify_threshold
 
     verify_threshold(b"m", b'{"signatures": [], "signatures": [{"keyid": "k", "sig": ""}]}', {}, 1)
 
 
 def _inspect_signature(tmp: Path) -> None:
-    from edge_runtime.bundle_reader import inspect_bundle
-    from edge_runtime.config import Limits
+    from edge_runtime.bundle.reader import inspect_bundle
+    from edge_runtime.config.model import Limits
 
     sig = b'{"signatures": [{"keyid": "a", "keyid": "b", "sig": ""}]}'
     inspect_bundle(write_tar(tmp / "b.tar", [Member("manifest.json", b"{}"), Member("manifest.sig", sig)]), Limits())
 
 
 def _manifest(data: bytes) -> None:
-    from edge_runtime.manifest_parse import parse_manifest
+    from edge_runtime.bundle.manifest_parse import parse_manifest
 
     parse_manifest(data)
 
@@ -234,31 +234,31 @@ def _nan_manifest() -> bytes:
 
 
 def _state(tmp: Path) -> object:
-    from edge_runtime.state_store import decode_state
+    from edge_runtime.cache.state import decode_state
 
     return decode_state(b'{"schema": 1, "boot_count": 0, "models": {}, "models": {"m": {}}}')
 
 
 def _reply() -> None:
-    from edge_runtime.command_parse import Reply
+    from edge_runtime.commands.parse import Reply
 
     Reply.from_json(b'{"id": "c1", "ok": false, "ok": true, "message": "", "data": {}}')
 
 
 def _api_body() -> None:
-    from edge_runtime.api_codec import decode_infer_request
+    from edge_runtime.api.codec import decode_infer_request
 
     decode_infer_request(b'{"inputs": [], "inputs": [{"name": "x"}]}', None, {}, ())
 
 
 def _api_utf16() -> None:
-    from edge_runtime.api_codec import decode_infer_request
+    from edge_runtime.api.codec import decode_infer_request
 
     decode_infer_request('{"inputs": []}'.encode("utf-16"), None, {}, ())
 
 
 def _config(tmp: Path, text: str) -> None:
-    from edge_runtime.config import load_config
+    from edge_runtime.config.model import load_config
 
     path = tmp / "c.toml"
     path.write_text(text, encoding="utf-8")
@@ -266,7 +266,7 @@ def _config(tmp: Path, text: str) -> None:
 
 
 def _read_link(tmp: Path) -> None:
-    from edge_runtime.cache_layout import read_link
+    from edge_runtime.cache.layout import read_link
 
     (tmp / "3\n").mkdir()
     os.symlink("3\n", tmp / "current")
@@ -274,13 +274,13 @@ def _read_link(tmp: Path) -> None:
 
 
 def _requirement() -> None:
-    from edge_runtime.requirements_check import parse_runtime_requirement
+    from edge_runtime.bundle.requirements import parse_runtime_requirement
 
     parse_runtime_requirement(">=\u0663.0")
 
 
 def _watchdog() -> None:
-    from edge_runtime.sdnotify import _watchdog_seconds
+    from edge_runtime.telemetry.sdnotify import _watchdog_seconds
 
     assert _watchdog_seconds({"WATCHDOG_USEC": "²"}) is None  # no watchdog, rather than a crash at start
     assert _watchdog_seconds({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "¹"}) == 2.0
@@ -299,8 +299,8 @@ def _bench_shape() -> None:
 
 
 def _fleet_watch() -> None:
-    from edge_runtime.fleet import classify
-    from edge_runtime.mqtt_parts import Message
+    from edge_runtime.fleet.client import classify
+    from edge_runtime.mqtt.parts import Message
 
     shown = classify("edge", Message("edge/dev-1/status", b'{"state": "online", "state": "offline"}', 1, True))
     assert shown is not None and isinstance(shown.payload, str)  # the text it is, not one reading of two
@@ -364,14 +364,14 @@ def test_each_place_reads_strictly(tmp_path: Path, action: Callable[[Path], obje
 
 @pytest.mark.parametrize("text", ["²", "\u0663", "+1", "-1", " 1", "1 ", "1_0", "", "0x1", "1e3", b"\xb2", "1\n"])
 def test_parse_decimal_takes_ascii_digits_only(text: str | bytes) -> None:
-    from edge_runtime.strict_text import parse_decimal
+    from edge_runtime._util.strict_text import parse_decimal
 
     with pytest.raises(InputError, match=r"^size .* is not a decimal number$"):
         parse_decimal(text, "size", max_digits=5, error=InputError)
 
 
 def test_parse_decimal_values_and_digit_cap() -> None:
-    from edge_runtime.strict_text import parse_decimal
+    from edge_runtime._util.strict_text import parse_decimal
 
     assert parse_decimal("007", "n", max_digits=3, error=InputError) == 7
     assert parse_decimal(b"65535", "n", max_digits=5, error=InputError) == 65535
@@ -393,14 +393,14 @@ def test_parse_decimal_values_and_digit_cap() -> None:
     (b"[1]", {"max_bytes": 2}, r"^doc is 3 bytes, over the 2-byte cap$"),
 ])
 def test_load_json_refuses(data: bytes, kwargs: dict[str, Any], pattern: str) -> None:
-    from edge_runtime.strict_text import load_json
+    from edge_runtime._util.strict_text import load_json
 
     with pytest.raises(InputError, match=pattern):
         load_json(data, "doc", error=InputError, **kwargs)
 
 
 def test_load_json_reads_plain_json_and_can_leave_numbers_to_the_caller() -> None:
-    from edge_runtime.strict_text import load_json
+    from edge_runtime._util.strict_text import load_json
 
     assert load_json(b'{"a": [1, 2.5, "x", null, true], "b": {"a": 1}}', "doc", error=InputError) == {
         "a": [1, 2.5, "x", None, True], "b": {"a": 1}}
@@ -412,7 +412,7 @@ def test_load_json_reads_plain_json_and_can_leave_numbers_to_the_caller() -> Non
 
 def test_commands_word_a_repeated_key_like_every_other_parser() -> None:
     """command_parse had its own copy of the loader (and said "command payload: command payload ...")."""
-    from edge_runtime.command_parse import parse_command
+    from edge_runtime.commands.parse import parse_command
 
     with pytest.raises(CommandError, match=r"^command payload repeats the key 'ts'$"):
         parse_command(b'{"id": "c", "ts": 1, "ts": 2}', "ping", max_bytes=1000, max_depth=8)

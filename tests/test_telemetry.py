@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from edge_runtime import telemetry
-from edge_runtime.metrics import Metrics
-from edge_runtime.spool import Spool
-from edge_runtime.telemetry import SystemStats, build_telemetry
+from edge_runtime.mqtt.spool import Spool
+from edge_runtime.telemetry import report as telemetry
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.telemetry.report import SystemStats, build_telemetry
 
 TOP_TYPES: dict[str, tuple[type, ...]] = {
     "schema": (int,), "seq": (int,), "ts": (float,), "device": (str,), "uptime_s": (float, int),

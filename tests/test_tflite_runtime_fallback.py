@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.backends import BackendOptions, create_backend
+from edge_runtime.runtime.backends import BackendOptions, create_backend
 
 REPO = Path(__file__).resolve().parent.parent
 LEGACY_VENV = REPO / ".cache" / "venv-tflite-runtime"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.backends import BackendOptions, create_backend
+from edge_runtime.runtime.backends import BackendOptions, create_backend
 
 
 def main(out_dir: Path, models: list[Path]) -> None:

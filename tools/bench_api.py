@@ -45,12 +45,12 @@ import numpy as np
 from numpy.typing import NDArray
 from ppocr_bench_kit import install_ppocr_classifier
 
-from edge_runtime.api_server import ApiServer
-from edge_runtime.config import ApiConfig, BackendConfig, Config
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
-from edge_runtime.serving import InferenceService
+from edge_runtime.api.server import ApiServer
+from edge_runtime.config.model import ApiConfig, BackendConfig, Config
+from edge_runtime.devtools.model_zoo import fetch
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.store import ModelStore
 
 NAME = "ppocr-cls"
 INFER = f"/v2/models/{NAME}/infer"

@@ -40,13 +40,13 @@ def _make_model(path: Path, mb: int) -> None:
 
 def _child(op: str, work: Path) -> dict[str, float]:
     bare = _peak_mb()
-    from edge_runtime.bundle_reader import read_bundle
-    from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-    from edge_runtime.config import Config, Limits
-    from edge_runtime.fsutil import remove_tree
-    from edge_runtime.manifest import TensorSpec
-    from edge_runtime.model_store import ModelStore
-    from edge_runtime.signing import load_private_key, load_trusted_keys
+    from edge_runtime._util.fsutil import remove_tree
+    from edge_runtime.bundle.manifest import TensorSpec
+    from edge_runtime.bundle.reader import read_bundle
+    from edge_runtime.bundle.signing import load_private_key, load_trusted_keys
+    from edge_runtime.bundle.writer import BundleSpec, pack_bundle
+    from edge_runtime.config.model import Config, Limits
+    from edge_runtime.update.store import ModelStore
 
     limits = Limits(max_bundle_bytes=4 << 30)
     base = _peak_mb()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(args.child, args.work)))
         return 0
-    from edge_runtime.signing import generate_keypair
+    from edge_runtime.bundle.signing import generate_keypair
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from ppocr_bench_kit import free_port, make_publisher, pack_ppocr
 
-from edge_runtime.config import Config
-from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
+from edge_runtime.config.model import Config
+from edge_runtime.devtools.model_zoo import fetch
+from edge_runtime.update.store import ModelStore
 
 _BARE = """
 import sys, numpy as np, onnxruntime as ort

@@ -32,13 +32,13 @@ import cv2
 import numpy as np
 from ppocr_bench_kit import install_ppocr_classifier
 
-from edge_runtime.api_server import ApiServer
-from edge_runtime.config import ApiConfig, BackendConfig, Config, Limits
-from edge_runtime.decode_budget import shared_budget
-from edge_runtime.metrics import Metrics
-from edge_runtime.model_store import ModelStore
-from edge_runtime.preprocess import decode_cost
-from edge_runtime.serving import InferenceService
+from edge_runtime.api.server import ApiServer
+from edge_runtime.config.model import ApiConfig, BackendConfig, Config, Limits
+from edge_runtime.runtime.decode_budget import shared_budget
+from edge_runtime.runtime.preprocess import decode_cost
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.store import ModelStore
 
 NAME = "ppocr-cls"
 INFER = f"/v2/models/{NAME}/infer"

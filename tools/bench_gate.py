@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the child gate costs at install time, and what each golden case costs (issue 9 §1, §2).
 
-For each real test model (edge_runtime/model_zoo.py) a candidate directory is
+For each real test model (edge_runtime/devtools/model_zoo.py) a candidate directory is
 packed and unpacked with 1 and with 8 golden cases; then, alternating, the gate
 runs in-process (load + warm-up + golden + latency, as before issue 9) and in
 the child (``gate_child.gate_in_child``: interpreter start, imports, the same
@@ -29,19 +29,19 @@ import cv2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.backends.base import BackendOptions  # noqa: E402
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle  # noqa: E402
+from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, TensorSpec  # noqa: E402
+from edge_runtime.bundle.manifest_parse import parse_manifest  # noqa: E402
+from edge_runtime.bundle.signing import generate_keypair, load_private_key  # noqa: E402
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle  # noqa: E402
 from edge_runtime.cli.bundle_cmd import SpecFile  # noqa: E402
 from edge_runtime.cli.tools_cmd import golden_from_dir  # noqa: E402
-from edge_runtime.config import Limits  # noqa: E402
-from edge_runtime.gate_child import ChildBudget, gate_in_child  # noqa: E402
-from edge_runtime.gates import check_gates, run_golden, sample_feeds  # noqa: E402
-from edge_runtime.loaded_model import LoadedModel  # noqa: E402
-from edge_runtime.manifest import Gates, Postprocess, Preprocess, TensorSpec  # noqa: E402
-from edge_runtime.manifest_parse import parse_manifest  # noqa: E402
-from edge_runtime.model_zoo import default_cache_dir, fetch  # noqa: E402
-from edge_runtime.signing import generate_keypair, load_private_key  # noqa: E402
-from edge_runtime.typed_toml import build, parse_toml  # noqa: E402
+from edge_runtime.config.model import Limits  # noqa: E402
+from edge_runtime.config.typed_toml import build, parse_toml  # noqa: E402
+from edge_runtime.devtools.model_zoo import default_cache_dir, fetch  # noqa: E402
+from edge_runtime.runtime.backends.base import BackendOptions  # noqa: E402
+from edge_runtime.runtime.gate_child import ChildBudget, gate_in_child  # noqa: E402
+from edge_runtime.runtime.gates import check_gates, run_golden, sample_feeds  # noqa: E402
+from edge_runtime.runtime.loaded_model import LoadedModel  # noqa: E402
 
 FACE_SPEC = """
 [preprocess]
@@ -83,7 +83,7 @@ def _candidate(work: Path, key: Path, name: str, fmt: str, model: Path, spec_tex
     tmp.mkdir()
     golden = golden_from_dir(model, spec_path, sorted(_inputs(tmp, hopper, cases).iterdir()), tmp,
                              Limits().max_image_bytes, Limits().max_image_pixels)
-    from edge_runtime.backends import create_backend
+    from edge_runtime.runtime.backends import create_backend
 
     backend = create_backend(fmt, model, BackendOptions())
     layout = "NCHW" if fmt == "onnx" else "NHWC"

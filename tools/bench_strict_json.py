@@ -4,7 +4,7 @@ Usage: python tools/bench_strict_json.py [--runs 30]
 
 Rows: an OIP inference body of the ppocr cls input ([1,3,48,192] = 27,648
 floats, float32 reprs) and of a 224x224 RGB input (150,528 floats), read the
-way :mod:`edge_runtime.api_codec` reads them (per-number hooks off: the codec
+way :mod:`edge_runtime.api.codec` reads them (per-number hooks off: the codec
 range-checks values itself); a manifest-sized document and a fleet command,
 read with every check on. Columns: the median of ``--runs`` calls, in ms (the two
 loaders alternate within each run).
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime._util.strict_text import load_json
 from edge_runtime.errors import InputError
-from edge_runtime.strict_text import load_json
 
 
 def _infer_body(shape: tuple[int, ...]) -> bytes:

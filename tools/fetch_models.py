@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_runtime.devtools.model_zoo import MODELS, default_cache_dir, fetch
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model_zoo import MODELS, default_cache_dir, fetch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,11 +66,11 @@ from fuzz_mutants import (
     real_inputs,
 )
 
-from edge_runtime.bundle_writer import DEFAULT_GOLDEN_CASES
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES
+from edge_runtime.cache.versions import ModelCache
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.manifest import Gates
-from edge_runtime.model_cache import ModelCache
-from edge_runtime.signing import generate_keypair
 
 __all__ = ["Outcome", "classify_refusal", "heldout_outputs", "limited", "run_fuzz"]
 
@@ -90,8 +90,8 @@ _STAGES = (
 _HELDOUT_CHILD = """
 import sys, numpy as np
 from pathlib import Path
-from edge_runtime.config import load_config
-from edge_runtime.model_store import ModelStore
+from edge_runtime.config.model import load_config
+from edge_runtime.update.store import ModelStore
 model = ModelStore(load_config(Path(sys.argv[1]))).load(sys.argv[2])
 xs = np.load(sys.argv[3])
 out = {}

@@ -35,15 +35,15 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_runtime import bundle_writer
-from edge_runtime.backends import create_backend
-from edge_runtime.backends.base import BackendOptions
-from edge_runtime.bundle_writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.bundle import writer as bundle_writer
+from edge_runtime.bundle.manifest import Gates, TensorSpec
+from edge_runtime.bundle.onnx_external import check_no_external_data
+from edge_runtime.bundle.signing import load_private_key
+from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
+from edge_runtime.devtools.model_zoo import fetch
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.manifest import Gates, TensorSpec
-from edge_runtime.model_zoo import fetch
-from edge_runtime.onnx_external import check_no_external_data
-from edge_runtime.signing import load_private_key
+from edge_runtime.runtime.backends import create_backend
+from edge_runtime.runtime.backends.base import BackendOptions
 
 __all__ = ["KINDS", "PROFILES", "Mutant", "Profile", "bare_outputs", "limited", "make_mutant", "pack",
            "publisher_check", "real_inputs"]

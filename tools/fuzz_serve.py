@@ -58,11 +58,11 @@ from fuzz_mutants import (
 from make_channel import publish
 from ppocr_bench_kit import free_port
 
-from edge_runtime.bundle_writer import DEFAULT_GOLDEN_CASES
-from edge_runtime.events import read_events
-from edge_runtime.manifest import Gates
-from edge_runtime.oip_types import datatype_of
-from edge_runtime.signing import generate_keypair
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.bundle.signing import generate_keypair
+from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES
+from edge_runtime.runtime.oip_types import datatype_of
+from edge_runtime.telemetry.events import read_events
 
 __all__ = ["OtaFuzz", "run_serve_fuzz"]
 

@@ -27,14 +27,14 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edge_runtime.bundle_reader import inspect_bundle
-from edge_runtime.channel import CHANNEL_FILE, SIGNATURE_FILE, ChannelEntry, build_channel
+from edge_runtime._util.fsutil import atomic_write, create_exclusive, fsync_dir, sha256_file
+from edge_runtime.bundle.reader import inspect_bundle
+from edge_runtime.bundle.requirements import format_timestamp
+from edge_runtime.bundle.signing import key_id, load_private_key, sign_document
 from edge_runtime.cli.common import report_errors
-from edge_runtime.config import Limits
+from edge_runtime.config.model import Limits
 from edge_runtime.errors import ConfigError, ManifestError
-from edge_runtime.fsutil import atomic_write, create_exclusive, fsync_dir, sha256_file
-from edge_runtime.requirements_check import format_timestamp
-from edge_runtime.signing import key_id, load_private_key, sign_document
+from edge_runtime.update.channel import CHANNEL_FILE, SIGNATURE_FILE, ChannelEntry, build_channel
 
 # Bundle file names become relative URLs verbatim: keep them free of anything to escape.
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
+from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, TensorSpec
+from edge_runtime.bundle.signing import generate_keypair, load_private_key
+from edge_runtime.bundle.writer import BundleSpec, pack_bundle
 from edge_runtime.cli.bundle_cmd import _introspect  # the same introspection `bundle pack` does
-from edge_runtime.config import Config
-from edge_runtime.manifest import Gates, Postprocess, Preprocess, TensorSpec
-from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
-from edge_runtime.signing import generate_keypair, load_private_key
+from edge_runtime.config.model import Config
+from edge_runtime.devtools.model_zoo import fetch
+from edge_runtime.update.store import ModelStore
 
 __all__ = ["PPOCR_IO", "free_port", "install_ppocr_classifier", "make_publisher", "pack_ppocr"]
 

@@ -4,7 +4,7 @@ Usage:
     python tools/sign_command.py --key KEY [--key KEY2] [--args JSON] [--id ID]
                                  [--device DEVICE | --group GROUP] [--out FILE] VERB
 
-Writes the signed envelope (see :mod:`edge_runtime.command_auth`) to FILE or
+Writes the signed envelope (see :mod:`edge_runtime.commands.auth`) to FILE or
 stdout, ready to publish on ``<prefix>/<device>/cmd/VERB`` (or the group / all
 topic), for example ``mosquitto_pub -t edge/cam-7/cmd/rollback -f FILE``.
 The command gets a fresh random nonce and the current time, so it must reach
@@ -20,12 +20,12 @@ import json
 import sys
 from pathlib import Path
 
+from edge_runtime._util.fsutil import atomic_write
+from edge_runtime.bundle.signing import load_private_key
 from edge_runtime.cli.common import report_errors
-from edge_runtime.command_auth import new_command, sign_command
-from edge_runtime.command_parse import VERBS
+from edge_runtime.commands.auth import new_command, sign_command
+from edge_runtime.commands.parse import VERBS
 from edge_runtime.errors import CommandError
-from edge_runtime.fsutil import atomic_write
-from edge_runtime.signing import load_private_key
 
 
 def build(verb: str, keys: list[Path], args_json: str, *, command_id: str | None = None,

@@ -244,7 +244,7 @@ def print_table(result: dict[str, Any], bound: float) -> None:
 @contextlib.contextmanager
 def own_serve(max_connections: int | None) -> Iterator[str]:
     """A temporary device: ppocr-cls packed, installed and served by ``edge-runtime serve``; yields its URL."""
-    from edge_runtime.model_zoo import fetch
+    from edge_runtime.devtools.model_zoo import fetch
 
     with tempfile.TemporaryDirectory(prefix="slowloris-") as tmp:
         root = Path(tmp)

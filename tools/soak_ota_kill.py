@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from ppocr_bench_kit import free_port, make_publisher, pack_ppocr
 
-from edge_runtime.manifest import Gates
-from edge_runtime.model_cache import ModelCache
+from edge_runtime.bundle.manifest import Gates
+from edge_runtime.cache.versions import ModelCache
 
 TOOLS = Path(__file__).resolve().parent
 _X = np.zeros((1, 3, 48, 192), np.float32)

@@ -12,9 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from . import bundle_cmd, fleet_cmd, models_cmd, run_cmd, serve_cmd, tools_cmd
-from .common import Context, add_common_options, report_errors
+from edge_runtime import __version__
+from edge_runtime.cli import bundle_cmd, fleet_cmd, models_cmd, run_cmd, serve_cmd, tools_cmd
+from edge_runtime.cli.common import Context, add_common_options, report_errors
 
 __all__ = ["build_parser", "main"]
 

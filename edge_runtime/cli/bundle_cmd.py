@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backends import create_backend
-from ..backends.base import BackendOptions, TensorInfo
-from ..bundle_reader import inspect_bundle, read_bundle
-from ..bundle_writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
-from ..errors import ConfigError, InputError, ManifestError
-from ..manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
-from ..signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
-from ..strict_text import load_json
-from ..typed_toml import build, in_range, load_toml
-from .common import Context, emit, verb_parser
+from edge_runtime._util.strict_text import load_json
+from edge_runtime.bundle.manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
+from edge_runtime.bundle.reader import inspect_bundle, read_bundle
+from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
+from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
+from edge_runtime.cli.common import Context, emit, verb_parser
+from edge_runtime.config.typed_toml import build, in_range, load_toml
+from edge_runtime.errors import ConfigError, InputError, ManifestError
+from edge_runtime.runtime.backends import create_backend
+from edge_runtime.runtime.backends.base import BackendOptions, TensorInfo
 
 __all__ = ["SpecFile", "load_spec", "register"]
 
@@ -119,7 +119,9 @@ def _pack(ctx: Context, args: argparse.Namespace) -> int:
     golden_dir = args.golden_dir or spec.golden_dir
     with tempfile.TemporaryDirectory(prefix="edge-runtime-golden-") as tmp:
         if golden_dir is not None:
-            from .tools_cmd import golden_from_dir  # here, not at the top: tools_cmd imports this module
+            from edge_runtime.cli.tools_cmd import (
+                golden_from_dir,  # here, not at the top: tools_cmd imports this module
+            )
 
             picked = golden_inputs(golden_dir, args.golden_cases or spec.golden_cases)
             limits = ctx.config.limits
@@ -162,7 +164,7 @@ def _verify(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _golden(ctx: Context, args: argparse.Namespace) -> int:
-    from .tools_cmd import write_golden
+    from edge_runtime.cli.tools_cmd import write_golden
 
     return write_golden(ctx, args)
 
@@ -203,7 +205,7 @@ def register(verbs: Any) -> None:
     p.set_defaults(handler=_pack)
 
     p = verb_parser(sub, "golden", "write the .npz of a model's outputs on an input, for `pack --golden`")
-    from .tools_cmd import golden_parser  # here, not at the top: tools_cmd imports this module
+    from edge_runtime.cli.tools_cmd import golden_parser  # here, not at the top: tools_cmd imports this module
 
     golden_parser(p)
     p.set_defaults(handler=_golden)

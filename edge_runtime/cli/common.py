@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_CONFIG_PATH, Config, load_config
-from ..errors import ConfigError, EdgeRuntimeError
-from ..model_store import ModelStore
-from ..state_recovery import recover_state
-from ..typed_toml import load_toml
+from edge_runtime.cache.state_recovery import recover_state
+from edge_runtime.config.model import DEFAULT_CONFIG_PATH, Config, load_config
+from edge_runtime.config.typed_toml import load_toml
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.update.store import ModelStore
 
 __all__ = ["Context", "add_common_options", "emit", "report_errors", "verb_parser"]
 

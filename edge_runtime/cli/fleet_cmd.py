@@ -19,14 +19,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..command_parse import VERBS
-from ..config import MqttConfig
-from ..errors import CommandError, ConfigError
-from ..fleet import KINDS, FleetClient, Target, build_command, classify, watch_filters
-from ..fleet_rollout import DeviceOutcome, discover, plan_waves, rollout, select_devices
-from ..signing import load_private_key
-from ..strict_text import load_json, parse_decimal
-from .common import Context, verb_parser
+from edge_runtime._util.strict_text import load_json, parse_decimal
+from edge_runtime.bundle.signing import load_private_key
+from edge_runtime.cli.common import Context, verb_parser
+from edge_runtime.commands.parse import VERBS
+from edge_runtime.config.model import MqttConfig
+from edge_runtime.errors import CommandError, ConfigError
+from edge_runtime.fleet.client import KINDS, FleetClient, Target, build_command, classify, watch_filters
+from edge_runtime.fleet.rollout import DeviceOutcome, discover, plan_waves, rollout, select_devices
 
 __all__ = ["register"]
 
@@ -59,7 +59,7 @@ def _client(ctx: Context, args: argparse.Namespace) -> FleetClient:
     if not getattr(args, "verbose", False):
         # The link logs every reconnect attempt; a CLI run reports the last reason once, in its error line.
         # Other warnings (a subscription the broker's ACL refused) still show.
-        logging.getLogger("edge_runtime.mqtt_link").addFilter(lambda r: "reconnecting in" not in str(r.msg))
+        logging.getLogger("edge_runtime.mqtt.link").addFilter(lambda r: "reconnecting in" not in str(r.msg))
     return FleetClient(config)
 
 

@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..commands import pin_refusal
-from ..errors import CacheError, EdgeRuntimeError, SignatureError
-from ..gates import GateReport
-from .common import Context, emit, verb_parser
+from edge_runtime.cli.common import Context, emit, verb_parser
+from edge_runtime.commands.handlers import pin_refusal
+from edge_runtime.errors import CacheError, EdgeRuntimeError, SignatureError
+from edge_runtime.runtime.gates import GateReport
 
 __all__ = ["register"]
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CacheError, EdgeRuntimeError
-from .common import Context, emit, verb_parser
+from edge_runtime.cli.common import Context, emit, verb_parser
+from edge_runtime.errors import CacheError, EdgeRuntimeError
 
 __all__ = ["register"]
 

@@ -7,14 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .common import Context, verb_parser
+from edge_runtime.cli.common import Context, verb_parser
 
 __all__ = ["register"]
 
 
 def _serve(ctx: Context, args: argparse.Namespace) -> int:
-    from ..daemon import Daemon  # the daemon's imports are only paid by the verbs that run it
-    from ..log_limit import install
+    from edge_runtime._util.log_limit import install
+    from edge_runtime.daemon import Daemon  # the daemon's imports are only paid by the verbs that run it
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
@@ -24,7 +24,7 @@ def _serve(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _demo(ctx: Context, args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from edge_runtime.devtools.demo import run_demo
 
     return run_demo(args.dir, api_listen=args.listen, exit_after=args.exit_after)
 

@@ -18,17 +18,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ..backends import create_backend
-from ..backends.base import Backend, BackendOptions, TensorInfo, fit_tensor
-from ..benchmark import BenchResult, bare_runner, compare, random_feeds
-from ..errors import InputError, ManifestError
-from ..manifest import Preprocess
-from ..model_store import ModelStore
-from ..preprocess import Preprocessor, decode_image, is_npy, load_npy
-from ..quantize import find_inputs, load_samples, quantize_onnx, require_quantization_tools
-from ..strict_text import parse_decimal
-from .bundle_cmd import SpecFile, load_spec
-from .common import Context, emit, verb_parser
+from edge_runtime._util.strict_text import parse_decimal
+from edge_runtime.bundle.manifest import Preprocess
+from edge_runtime.cli.bundle_cmd import SpecFile, load_spec
+from edge_runtime.cli.common import Context, emit, verb_parser
+from edge_runtime.devtools.benchmark import BenchResult, bare_runner, compare, random_feeds
+from edge_runtime.devtools.quantize import find_inputs, load_samples, quantize_onnx, require_quantization_tools
+from edge_runtime.errors import InputError, ManifestError
+from edge_runtime.runtime.backends import create_backend
+from edge_runtime.runtime.backends.base import Backend, BackendOptions, TensorInfo, fit_tensor
+from edge_runtime.runtime.preprocess import Preprocessor, decode_image, is_npy, load_npy
+from edge_runtime.update.store import ModelStore
 
 __all__ = ["golden_from_dir", "register", "write_golden"]
 

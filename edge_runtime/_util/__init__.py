@@ -1,0 +1,1 @@
+"""Small private helpers with no project dependencies beyond errors."""

@@ -1,0 +1,1 @@
+"""The local inference API (KServe / Open Inference Protocol v2 over HTTP)."""

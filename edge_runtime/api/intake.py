@@ -1,0 +1,432 @@
+"""The inference API's connection intake: one selector thread that owns every socket while it waits.
+
+Slow clients must not starve the API (issue 9 §5): a thread per connection,
+capped, lets a few dozen half-sent requests (slowloris) hold every thread and
+the cap. So one thread (:class:`Intake`) accepts connections and reads request
+heads and bodies non-blocking, each against a deadline, and hands only a
+COMPLETE request (head + Content-Length bytes) to a worker thread
+(:class:`~edge_runtime.api_workers.Workers`). A worker never waits for a
+client's bytes, so slow clients cost a socket and a buffer, not a thread or an
+inference slot. When ``max_connections`` are open, the connection that has been
+receiving its request the longest is evicted (408), then the oldest idle
+keep-alive one; a new connection is refused (503) only when every open one is
+in a worker.
+
+Closing a socket with unread bytes makes the kernel send a reset that destroys
+the reply on its way, so every close after a reply goes through *linger*:
+FIN, then read and discard until the client's FIN, bounded in time and bytes
+(as nginx's lingering close).
+
+Idle CPU is a wake-up per :data:`~edge_runtime._util.progress.BEAT_SECONDS` (the
+heartbeat liveness watches) or per deadline, whichever is sooner; no polling.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+
+from edge_runtime import __version__
+from edge_runtime._util.progress import BEAT_SECONDS, Heartbeat
+from edge_runtime.api.codec import encode_error
+
+__all__ = ["MAX_HEAD_BYTES", "Conn", "Intake", "refusal"]
+
+log = logging.getLogger("edge_runtime.api.server")
+
+MAX_HEAD_BYTES = 65536
+"""Request line + headers of one request (tritonclient sends a few hundred bytes)."""
+_RECV = 64 << 10
+_LINGER_SECONDS = 5.0  # after a reply given before the body was read: the client may still be sending it
+_LINGER_SLOW_SECONDS = 0.5  # after cutting off a slow client: long enough to read its 408, no longer
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+_IDLE, _RECEIVING, _BUSY, _LINGER = "idle", "receiving", "busy", "linger"
+
+
+def refusal(status: int, message: str, *, retry: bool = False) -> bytes:
+    """A complete ``Connection: close`` reply with a one-line JSON error, as the handler writes them."""
+    body = encode_error(message)
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nServer: edge-runtime/{__version__}\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            + ("Retry-After: 1\r\n" if retry else "") + "Connection: close\r\n\r\n")
+    return head.encode("iso-8859-1") + body
+
+
+class Conn:
+    """One client connection and what the intake knows of its current request."""
+
+    __slots__ = ("body_end", "buffer", "deadline", "head_end", "linger_left", "peer", "scanned", "sock", "state")
+
+    def __init__(self, sock: socket.socket, peer: object) -> None:
+        self.sock, self.peer = sock, peer
+        self.buffer = bytearray()
+        self.state = _IDLE
+        self.deadline = 0.0
+        self.scanned = 0  # the buffer has no head end before this offset
+        self.head_end = self.body_end = -1
+        self.linger_left = 0
+
+
+def _head_fields(head: bytes) -> tuple[str, list[str], bool]:
+    """(HTTP version word, Content-Length values, Transfer-Encoding present) of a complete request head."""
+    lines = head.decode("iso-8859-1").split("\n")
+    words = lines[0].split()
+    lengths: list[str] = []
+    chunked = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        key = name.lower()
+        if colon and key == "content-length":
+            lengths.append(value.strip())
+        elif colon and key == "transfer-encoding":
+            chunked = True
+    return (words[2] if len(words) == 3 else ""), lengths, chunked
+
+
+def _expects_continue(head: bytes) -> bool:
+    return any(line.partition(b":")[0].lower() == b"expect" and line.partition(b":")[2].strip().lower()
+               == b"100-continue" for line in head.split(b"\n")[1:])
+
+
+class Intake:
+    """The selector thread: accepts on ``listener``, receives requests, gives complete ones to ``dispatch``.
+
+    ``dispatch(conn, request_bytes)`` runs the request elsewhere and must
+    call :meth:`give_back` once it is answered. Deadlines: ``idle_timeout``
+    for the first byte of the next request on a keep-alive connection,
+    ``request_timeout`` for the whole head and body from its first byte (plus
+    a second per ``min_body_rate`` bytes declared, so a large body on a slow
+    link still fits). ``max_request_bytes`` is the handler's body cap: a
+    longer body is not read here (the handler answers 413), and at most four
+    times that is buffered over all connections (then the largest gets a 503).
+    """
+
+    def __init__(self, listener: socket.socket, dispatch: Callable[[Conn, bytes], None], *,
+                 max_connections: int, max_request_bytes: int, idle_timeout: float, request_timeout: float,
+                 tcp_nodelay: bool, min_body_rate: int = 64 << 10) -> None:
+        self.listener = listener
+        self.dispatch = dispatch
+        self.max_connections = max_connections
+        self.max_request_bytes = max_request_bytes
+        self.idle_timeout, self.request_timeout, self.min_body_rate = idle_timeout, request_timeout, min_body_rate
+        self.tcp_nodelay = tcp_nodelay and listener.family in (socket.AF_INET, socket.AF_INET6)
+        self.progress = Heartbeat()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._returned: collections.deque[tuple[Conn, bool, bool, bool]] = collections.deque()
+        self._lock = threading.Lock()
+        self._conns: set[Conn] = set()  # every open connection but lingering ones
+        self._receiving: dict[Conn, None] = {}  # insertion order = oldest request first
+        self._idle: dict[Conn, None] = {}  # insertion order = idle longest first
+        self._lingering: dict[Conn, None] = {}
+        self._buffered = 0
+        self._stopping = False
+        self._ended = False
+        self._next_sweep = 0.0
+        self._accept_paused = self._accept_warned = False
+
+    # ------------------------------------------------------------------ other threads
+
+    def give_back(self, conn: Conn, keep_alive: bool, body_unread: bool) -> None:
+        """From a worker: the request on ``conn`` is answered; keep it for the next one, or close it."""
+        with self._lock:
+            if not self._ended:
+                if keep_alive and not conn.buffer and not self._stopping:
+                    # The common case, without waking the intake: it takes the books over with the
+                    # first event on this socket (appended before registered, so it is in the deque then).
+                    conn.sock.setblocking(False)
+                    self._returned.append((conn, True, False, True))
+                    self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+                    return
+                self._returned.append((conn, keep_alive, body_unread, False))
+                self._wake()
+                return
+        with contextlib.suppress(OSError):  # the loop has ended (stopped): nobody else will close it
+            conn.sock.close()
+
+    def stop_accepting(self) -> None:
+        """Close the listener and every connection not in a worker; workers' connections close when given back."""
+        self._stopping = True
+        self._wake()
+
+    def busy_sockets(self) -> list[socket.socket]:
+        """Sockets of the connections in a worker now (stop() cuts them off after its drain timeout)."""
+        with self._lock:
+            return [c.sock for c in self._conns if c.state == _BUSY]
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is already pending
+            self._wake_w.send(b"x")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """The intake thread's loop; returns once stopped and every connection is closed."""
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not (self._stopping and not self._lingering):
+                self.progress.beat()
+                timeout = max(0.0, min(BEAT_SECONDS, self._next_sweep - time.monotonic()))
+                events = self._selector.select(timeout)
+                self._take_returned()  # before the events: one may be on a connection just given back
+                for key, _ in events:
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    elif key.data.state != _BUSY and key.data.sock.fileno() >= 0:  # not dropped in this batch
+                        self._readable(key.data)
+                self._take_returned()
+                if self._stopping:
+                    self._shut_down()
+                if time.monotonic() >= self._next_sweep:
+                    self._sweep()
+                    if self._accept_paused and not self._stopping:
+                        self._accept_paused = False
+                        self._selector.register(self.listener, selectors.EVENT_READ)
+        finally:
+            with self._lock:
+                self._ended = True
+            for conn, *_ in self._returned:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst, without starving the connections already open
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the connection stays in the backlog
+                if not self._accept_warned:  # once per outage
+                    log.warning("API: cannot accept connections (%s); pausing accepts", e.strerror or e)
+                    self._accept_warned = True
+                # The listener stays readable: without a pause this loop would spin. Retried at the next sweep.
+                self._selector.unregister(self.listener)
+                self._accept_paused = True
+                return
+            self._accept_warned = False
+            self._accepted(sock, peer)
+
+    def _accepted(self, sock: socket.socket, peer: object) -> None:
+        sock.setblocking(False)
+        if self.tcp_nodelay:  # a keep-alive client would wait ~40 ms per request for its delayed ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Conn(sock, peer)
+        if len(self._conns) >= self.max_connections and not self._evict():
+            self._linger(conn, refusal(503, "too many connections; retry later", retry=True), _LINGER_SLOW_SECONDS)
+            return
+        with self._lock:
+            self._conns.add(conn)
+        self._to_idle(conn)
+
+    def _evict(self) -> bool:
+        """Make room: cut off the longest-receiving request, else the longest-idle connection. False: none."""
+        self._take_returned()  # a connection just given back is idle, so it can make room
+        if self._receiving:
+            victim = next(iter(self._receiving))
+            self._drop(victim, refusal(408, "request not received in time (the server is full; slowest evicted)"))
+            return True
+        if self._idle:
+            self._drop(next(iter(self._idle)), b"")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ connection states
+
+    def _to_idle(self, conn: Conn, *, registered: bool = False) -> None:
+        conn.state, conn.deadline = _IDLE, time.monotonic() + self.idle_timeout
+        conn.head_end = conn.body_end = -1
+        conn.scanned = 0
+        self._idle[conn] = None
+        self._next_sweep = min(self._next_sweep, conn.deadline)
+        if not registered:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        if conn.buffer:  # a pipelined request arrived with the last one
+            self._parse(conn)
+
+    def _leave(self, conn: Conn) -> None:
+        """Take ``conn`` out of the idle/receiving books (not out of the selector)."""
+        self._idle.pop(conn, None)
+        self._receiving.pop(conn, None)
+
+    def _readable(self, conn: Conn) -> None:
+        if conn.state == _LINGER:
+            return self._drain(conn)
+        try:
+            chunk = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client closed (or reset): nobody to answer
+            return self._drop(conn, None)
+        conn.buffer += chunk
+        self._buffered += len(chunk)
+        self._parse(conn)
+        while self._buffered > 4 * self.max_request_bytes + MAX_HEAD_BYTES and self._receiving:
+            # Many large bodies arriving at once: the largest goes, so memory stays bounded.
+            largest = max(self._receiving, key=lambda c: len(c.buffer))
+            self._drop(largest, refusal(503, "too many request bodies arriving at once; retry later", retry=True))
+
+    def _parse(self, conn: Conn) -> None:
+        """Advance ``conn``'s request: find the head's end, then wait for the body; dispatch when complete."""
+        if conn.state == _IDLE:
+            self._idle.pop(conn, None)
+            conn.state, conn.deadline = _RECEIVING, time.monotonic() + self.request_timeout
+            self._receiving[conn] = None
+            self._next_sweep = min(self._next_sweep, conn.deadline)
+        if conn.head_end < 0:
+            buf = conn.buffer
+            ends = [i for i in (buf.find(b"\n\r\n", conn.scanned), buf.find(b"\n\n", conn.scanned)) if i >= 0]
+            if not ends:
+                if len(buf) > MAX_HEAD_BYTES:
+                    return self._drop(conn, refusal(431, "request head too long"), _LINGER_SECONDS)
+                conn.scanned = max(0, len(buf) - 2)
+                return
+            end = min(ends)
+            conn.head_end = end + (3 if buf[end + 1:end + 3] == b"\r\n" else 2)
+            if conn.head_end > MAX_HEAD_BYTES:
+                return self._drop(conn, refusal(431, "request head too long"), _LINGER_SECONDS)
+            conn.body_end = conn.head_end + self._body_length(conn, bytes(buf[:conn.head_end]))
+        if len(conn.buffer) >= conn.body_end:
+            self._dispatch(conn)
+
+    def _body_length(self, conn: Conn, head: bytes) -> int:
+        """Bytes of body to receive here: the Content-Length the handler will accept, else 0 (it refuses)."""
+        version, lengths, chunked = _head_fields(head)
+        if chunked or len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+            return 0
+        length = int(lengths[0])
+        if length > self.max_request_bytes:
+            return 0  # the handler answers 413 without it
+        conn.deadline += length / self.min_body_rate
+        if length and version == "HTTP/1.1" and len(conn.buffer) < conn.head_end + length and _expects_continue(head):
+            with contextlib.suppress(OSError):  # the client waits for this before it sends the body
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return length
+
+    def _dispatch(self, conn: Conn) -> None:
+        self._receiving.pop(conn, None)
+        self._selector.unregister(conn.sock)
+        request, rest = bytes(conn.buffer[:conn.body_end]), conn.buffer[conn.body_end:]
+        self._buffered -= len(request)
+        conn.buffer = bytearray(rest)
+        with self._lock:
+            conn.state = _BUSY
+        conn.sock.settimeout(self.idle_timeout)  # the worker writes blocking, bounded per send
+        self.dispatch(conn, request)
+
+    def _take_returned(self) -> None:
+        while self._returned:
+            conn, keep_alive, body_unread, registered = self._returned.popleft()
+            if keep_alive and not self._stopping:
+                conn.sock.setblocking(False)
+                with self._lock:
+                    conn.state = _IDLE
+                self._to_idle(conn, registered=registered)
+            else:
+                if registered:
+                    self._selector.unregister(conn.sock)
+                with self._lock:
+                    conn.state = _IDLE  # not busy any more; _drop unregisters nothing it does not hold
+                self._close(conn, b"", _LINGER_SECONDS if body_unread else _LINGER_SLOW_SECONDS)
+
+    # ------------------------------------------------------------------ closing
+
+    def _drop(self, conn: Conn, reply: bytes | None, linger: float = _LINGER_SLOW_SECONDS) -> None:
+        """Close a connection the intake holds: None = at once (the client is gone), else after ``reply``."""
+        self._leave(conn)
+        self._selector.unregister(conn.sock)
+        self._close(conn, reply, linger)
+
+    def _close(self, conn: Conn, reply: bytes | None, linger: float) -> None:
+        self._buffered -= len(conn.buffer)
+        conn.buffer = bytearray()
+        with self._lock:
+            self._conns.discard(conn)
+        if reply is None or self._stopping:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+            return
+        self._linger(conn, reply, linger)
+
+    def _linger(self, conn: Conn, reply: bytes, seconds: float) -> None:
+        """Send ``reply``, FIN, and drain until the client's FIN, ``seconds`` or the byte bound (then close)."""
+        conn.sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            if reply:
+                conn.sock.send(reply)  # a small reply fits the empty send buffer
+            conn.sock.shutdown(socket.SHUT_WR)
+        if len(self._lingering) >= self.max_connections:  # bound the sockets held this way too
+            self._end_linger(next(iter(self._lingering)))
+        conn.state, conn.deadline = _LINGER, time.monotonic() + seconds
+        conn.linger_left = 4 * self.max_request_bytes + _RECV  # a body declared over the cap still drains
+        self._lingering[conn] = None
+        self._next_sweep = min(self._next_sweep, conn.deadline)
+        try:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):  # already closed by the peer's reset
+            self._end_linger(conn)
+
+    def _drain(self, conn: Conn) -> None:
+        try:
+            chunk = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        conn.linger_left -= len(chunk)
+        if not chunk or conn.linger_left <= 0:
+            self._end_linger(conn)
+
+    def _end_linger(self, conn: Conn) -> None:
+        self._lingering.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _sweep(self) -> None:
+        """Apply the deadlines: idle connections close, slow requests get 408, lingering ones close."""
+        now = time.monotonic()
+        for conn in [c for c in self._idle if c.deadline <= now]:
+            self._drop(conn, b"", _LINGER_SLOW_SECONDS)
+        for conn in [c for c in self._receiving if c.deadline <= now]:
+            what = "request head" if conn.head_end < 0 else "request body"
+            self._drop(conn, refusal(408, f"{what} not received in time"))
+        for conn in [c for c in self._lingering if c.deadline <= now]:
+            self._end_linger(conn)
+        deadlines = [c.deadline for d in (self._idle, self._receiving, self._lingering) for c in d]
+        # At most 20 sweeps a second however the deadlines spread: each one looks at every connection.
+        self._next_sweep = max(min(deadlines, default=now + BEAT_SECONDS), now + 0.05)
+
+    def _shut_down(self) -> None:
+        if self.listener.fileno() >= 0:
+            if not self._accept_paused:
+                self._selector.unregister(self.listener)
+            self.listener.close()
+        for conn in list(self._idle) + list(self._receiving):
+            self._drop(conn, None)
+        for conn in list(self._lingering):
+            self._end_linger(conn)

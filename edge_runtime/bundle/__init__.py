@@ -1,0 +1,1 @@
+"""Signed model bundles: manifest, signatures, the streaming tar reader, the writer."""

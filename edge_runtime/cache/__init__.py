@@ -1,0 +1,1 @@
+"""The on-disk model cache and state under the state dir."""

@@ -1,0 +1,1 @@
+"""Device-side fleet commands: parse, authenticate, deduplicate, dispatch, reply."""

@@ -1,0 +1,1 @@
+"""Developer tools: quantize, benchmark, the model zoo and the demo."""

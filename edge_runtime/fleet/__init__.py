@@ -1,0 +1,1 @@
+"""Operator tools: the fleet client and staged rollouts."""

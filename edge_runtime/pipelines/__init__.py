@@ -1,0 +1,1 @@
+"""Pipelines that feed models from sources (folders, video, MQTT input)."""

@@ -1,0 +1,1 @@
+"""Models in memory: backends, loaded models, slots, pre/post-processing, gates."""

@@ -1,0 +1,1 @@
+"""What the device reports: metrics, events, the telemetry document, sd_notify."""

@@ -1,0 +1,1 @@
+"""The update path: verify, stage, gate and activate models; OTA polling and fetching."""

@@ -1,0 +1,190 @@
+"""Over-the-air updates: poll a signed channel, download, install, activate.
+
+The poller runs in its own thread so downloads, verification and gating never
+block inference. A bundle is fetched into ``staging/`` (size-capped, resumable,
+checked against the channel's sha256), installed through the normal verify
+path without activation, then handed to the :class:`Activator` for gates, swap
+and probation. Every outcome is an event with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_runtime._util.retry_policy import redact_url
+from edge_runtime.cache.disk_room import make_room_for_download
+from edge_runtime.cache.staging_owner import owner_tag
+from edge_runtime.cache.state_recovery import keep_channel_document
+from edge_runtime.commands.handlers import pin_refusal, pinned_version
+from edge_runtime.config.model import OtaConfig
+from edge_runtime.errors import EdgeRuntimeError, FetchError, GateError, ModelError
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.update.activation import Activator
+from edge_runtime.update.channel import parse_channel
+from edge_runtime.update.fetcher import Fetcher
+from edge_runtime.update.store import ModelStore
+from edge_runtime.update.transport import HttpFetcher
+
+__all__ = ["OtaUpdater", "UpdateResult"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one update did: the model, the version installed, whether it now serves."""
+
+    name: str
+    version: int
+    active: bool
+
+
+class OtaUpdater:
+    """Polls ``config.channel_url`` every ``poll_seconds`` (if set) and applies updates.
+
+    The channel document is ``channel_url``; its signature document is at
+    ``channel_url + ".sig"``.
+
+    ``update_from_url`` is also the path of the fleet ``update`` command.
+    """
+
+    def __init__(self, config: OtaConfig, store: ModelStore, activator: Activator, events: EventBus, *,
+                 fetcher: Fetcher | None = None,
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+                 poll_seconds: Callable[[], float] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.activator = activator
+        self.events = events
+        self._fetcher = fetcher
+        self.now = now
+        self.poll_seconds = poll_seconds or (lambda: config.poll_seconds)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = threading.Lock()
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The HTTP client, built on first use (loading the CA store costs time and memory)."""
+        if self._fetcher is None:
+            self._fetcher = HttpFetcher.from_config(self.config)
+        return self._fetcher
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start polling in a background thread when a channel URL is configured."""
+        if not self.config.channel_url:
+            return
+        self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The poller thread runs (True without a channel URL: nothing to poll); False once it died."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop polling; an update in progress finishes its current step first."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except EdgeRuntimeError as e:
+                _log.warning("OTA poll failed: %s", e.one_line())
+            except Exception:  # keep polling: one bad cycle must not end updates for good
+                _log.exception("OTA poll crashed")
+            self._stop.wait(self.poll_seconds())
+
+    # ------------------------------------------------------------------ updates
+
+    def poll_once(self) -> list[UpdateResult]:
+        """Fetch and verify the channel document, then apply every newer version.
+
+        Raises:
+            FetchError, SignatureError, IncompatibleError (expired/replayed), ManifestError.
+        """
+        url = self.config.channel_url
+        cap = self.config.max_channel_bytes
+        data = self.fetcher.fetch_bytes(url, cap)
+        signature = self.fetcher.fetch_bytes(url + ".sig", cap)  # detached, like manifest.sig
+        cache = self.store.cache
+        channel = parse_channel(data, signature, trusted=self.store.trusted_keys(),
+                                threshold=self.store.config.trust.threshold, now=self.now(),
+                                min_sequence=cache.state.load().channel_sequence, base_url=url)
+        cache.state.update(
+            lambda s: dataclasses.replace(s, channel_sequence=max(s.channel_sequence, channel.sequence)))
+        keep_channel_document(cache.state_dir, data, signature)  # proves the sequence if state.json is lost
+        results = []
+        for name, entry in sorted(channel.entries.items()):
+            if entry.version <= cache.floor(name):
+                continue
+            if pinned_version(cache, name) is not None:  # an operator pinned it (fleet `pin`): no automatic updates
+                continue
+            refused = self.store.refusal(name, entry.version, bundle_sha256=entry.sha256)
+            if refused:  # its gate failed before: not downloaded again (a fixed build has another sha256)
+                _log.info("skipping update: %s", refused)
+                continue
+            self.events.emit("update_available", model=name, version=entry.version,
+                             reason=f"channel sequence {channel.sequence}")
+            try:
+                results.append(self.update_from_url(entry.url, expected_sha256=entry.sha256,
+                                                    expected_size=entry.size, model=(name, entry.version)))
+            except EdgeRuntimeError as e:
+                _log.warning("update of %s to v%s failed: %s", name, entry.version, e.one_line())
+        return results
+
+    def update_from_url(self, url: str, *, expected_sha256: str | None = None,
+                        expected_size: int | None = None, model: tuple[str, int] | None = None) -> UpdateResult:
+        """Download, verify, install and activate the bundle at ``url``; a pinned model is only installed.
+
+        The candidate is gated in a child process before the install commits.
+        ``model`` (name, version) is what the channel announced: it names the
+        ``update_failed`` event of a bundle refused before its manifest is known.
+
+        Raises:
+            FetchError, BundleError, GateError, ModelError: nothing changed, or
+                the previous version was restored; an ``update_failed`` event says why.
+        """
+        with self._busy:
+            cache = self.store.cache
+            # A name derived from the URL lets a later attempt resume a cut download; the owner
+            # in it keeps another process's staging sweep off it while this one lives.
+            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            dest = cache.staging_root() / f"download-{key}.{owner_tag()}.bundle"
+            where = redact_url(url)
+            name, version = model or ("", 0)
+            installed = False
+            try:
+                make_room_for_download(cache, dest, expected_size)
+                self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
+                                           expected_size=expected_size, expected_sha256=expected_sha256)
+                # Gated in a child before the install commits, so the floor rises only for a
+                # version that passed; a crash, memory bomb or hang is the child's (README).
+                result = self.store.install(dest, activate=False, gates=True)
+                installed = True
+                name, version = result.manifest.name, result.manifest.version
+                self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
+                dest.unlink(missing_ok=True)
+                if pin_refusal(cache, name, version) is None:  # a pinned model only gets the version installed
+                    self.activator.activate(name, version, reason=f"OTA update from {where}", gated=result.gates)
+            except EdgeRuntimeError as e:
+                if not isinstance(e, FetchError):  # the fetcher keeps a resumable partial
+                    dest.unlink(missing_ok=True)
+                if isinstance(e, (GateError, ModelError)) and not installed:  # the child gate refused it
+                    self.events.emit("gate_failed", model=name, version=version or None, reason=e.one_line())
+                self.events.emit("update_failed", model=name, version=version or None,
+                                 reason=f"{where}: {e.one_line()}")
+                raise
+            return UpdateResult(name, version, self.activator.on_probation(name) == version)
+

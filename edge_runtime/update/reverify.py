@@ -1,0 +1,108 @@
+"""Re-verify a cached version's signed manifest against the keys trusted *now*.
+
+A signature is checked at install, but what sits on disk afterwards can
+change: a bit flips in ``manifest.json`` (``top_k``, a preprocessing mean), or
+the operator removes a publisher's key from the trust dir. So every load and
+activation of a cached version reads ``manifest.json`` and ``manifest.sig``
+once, checks the signature threshold with the keys in the trust dir at that
+moment (the same rule as :func:`~edge_runtime.bundle.reader.read_bundle`),
+and parses the manifest from exactly those bytes: nothing is read twice, so
+nothing can change between the check and the parse. The file hashes are
+checked after that, by the caller, against the manifest returned here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime._util.fsutil import read_capped
+from edge_runtime.bundle.manifest import Manifest
+from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.bundle.signing import load_trusted_keys, verify_threshold
+from edge_runtime.errors import IntegrityError, ManifestError, SignatureError
+
+__all__ = ["Trust", "VerifiedManifest", "read_verified_manifest"]
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Where the trusted publisher keys are and how many must have signed.
+
+    The keys are read from ``trust_dir`` at every check, never cached: a key
+    removed from the dir stops counting at the next load or activation.
+    """
+
+    trust_dir: Path
+    threshold: int
+
+    def keys(self) -> dict[str, Ed25519PublicKey]:
+        """The publisher keys in the trust dir now.
+
+        Raises ConfigError: the trust dir is missing or holds an invalid key.
+        """
+        return load_trusted_keys(self.trust_dir)
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    """A cached manifest and the exact bytes it was parsed from.
+
+    ``key_ids`` are the trusted keys whose signatures verified; empty when the
+    signature was not checked (a cache opened without a :class:`Trust`).
+    """
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    key_ids: tuple[str, ...]
+
+
+def read_verified_manifest(directory: Path, name: str, version: int, *, trust: Trust | None,
+                           max_manifest_bytes: int, max_signature_bytes: int) -> VerifiedManifest:
+    """Read ``directory``'s manifest, check its signature with ``trust``, parse it from those bytes.
+
+    Neither file is read through a symlink, and each is size-capped. With
+    ``trust`` None the signature is not checked (only the parse and the
+    name/version match): for tools and tests that open a bare cache.
+
+    Raises:
+        SignatureError: the signature does not verify with the keys trusted
+            now (the message says so and why), or manifest.sig is unreadable.
+        ConfigError: the trust dir is missing or holds an invalid key.
+        IntegrityError: manifest.json is unreadable, too large, invalid, or
+            for another name/version.
+    """
+    path = directory / "manifest.json"
+    try:
+        manifest_bytes = read_capped(path, max_manifest_bytes)
+    except OSError as e:
+        raise IntegrityError(f"{path}: unreadable: {e.strerror or e}") from e
+    key_ids: tuple[str, ...] = ()
+    if trust is not None:
+        key_ids = _check_signature(directory, name, version, manifest_bytes, trust, max_signature_bytes)
+    try:
+        manifest = parse_manifest(manifest_bytes)
+    except ManifestError as e:
+        raise IntegrityError(f"{path}: {e}") from e
+    if (manifest.name, manifest.version) != (name, version):
+        raise IntegrityError(f"{path}: is for {manifest.name} v{manifest.version}, not {name} v{version}")
+    return VerifiedManifest(manifest, manifest_bytes, key_ids)
+
+
+def _check_signature(directory: Path, name: str, version: int, manifest_bytes: bytes, trust: Trust,
+                     max_signature_bytes: int) -> tuple[str, ...]:
+    what = f"{name} v{version} manifest signature"
+    if trust.threshold < 1:
+        raise SignatureError(f"signature threshold must be at least 1, got {trust.threshold}")
+    keys = trust.keys()  # before reading the sig: a broken trust dir is a config error, not this version's
+    sig_path = directory / "manifest.sig"
+    try:
+        signature = read_capped(sig_path, max_signature_bytes)
+    except OSError as e:
+        raise SignatureError(f"{what}: {sig_path} is unreadable: {e.strerror or e}") from e
+    try:
+        return tuple(verify_threshold(manifest_bytes, signature, keys, trust.threshold))
+    except SignatureError as e:
+        raise SignatureError(f"{what} does not verify with the keys trusted now: {e}") from e
