@@ -43,17 +43,14 @@ from typing import Any
 import cv2
 import numpy as np
 from numpy.typing import NDArray
+from ppocr_bench_kit import install_ppocr_classifier
 
 from edge_runtime.api_server import ApiServer
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.cli.bundle_cmd import _introspect  # the same introspection `bundle pack` does
 from edge_runtime.config import ApiConfig, BackendConfig, Config
-from edge_runtime.manifest import Postprocess, Preprocess
 from edge_runtime.metrics import Metrics
 from edge_runtime.model_store import ModelStore
 from edge_runtime.model_zoo import fetch
 from edge_runtime.serving import InferenceService
-from edge_runtime.signing import generate_keypair, load_private_key
 
 NAME = "ppocr-cls"
 INFER = f"/v2/models/{NAME}/infer"
@@ -67,19 +64,6 @@ Runner = Callable[[int], list[float]]
 def _config(work: Path, threads: int) -> Config:
     return Config(state_dir=work / "state", trust_dir=work / "trust",
                   backend=BackendConfig(providers=("CPUExecutionProvider",), threads=threads))
-
-
-def _install(work: Path, threads: int) -> None:
-    generate_keypair(work / "bench.key")
-    (work / "trust").mkdir()
-    (work / "trust" / "bench.pub").write_bytes((work / "bench.key.pub").read_bytes())
-    model = fetch("ppocr_cls")
-    inputs, outputs = _introspect("onnx", model, "")
-    spec = BundleSpec(name=NAME, version=1, format="onnx", model=model, inputs=inputs, outputs=outputs,
-                      preprocess=Preprocess(size=(48, 192), color="bgr", scale=1 / 255, mean=(0.5,), std=(0.5,)),
-                      postprocess=Postprocess(type="classification", activation="none", top_k=2))
-    pack_bundle(work / "ppocr.bundle", spec, [load_private_key(work / "bench.key")])
-    ModelStore(_config(work, threads)).install(work / "ppocr.bundle", gates=False)
 
 
 def _timed(fn: Callable[[], object], n: int) -> list[float]:
@@ -235,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     jpeg = _jpeg_crop()
     rows: list[tuple[str, int, list[list[float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        _install(Path(tmp), args.threads)
+        install_ppocr_classifier(Path(tmp), _config(Path(tmp), args.threads), NAME)
         with _daemon_process(Path(tmp), args.threads, jpeg) as (conn, remote, x):
             header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                              "parameters": {"binary_data_size": x.nbytes}}],

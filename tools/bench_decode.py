@@ -30,19 +30,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from ppocr_bench_kit import install_ppocr_classifier
 
 from edge_runtime.api_server import ApiServer
-from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.cli.bundle_cmd import _introspect  # the same introspection `bundle pack` does
 from edge_runtime.config import ApiConfig, BackendConfig, Config, Limits
 from edge_runtime.decode_budget import shared_budget
-from edge_runtime.manifest import Postprocess, Preprocess
 from edge_runtime.metrics import Metrics
 from edge_runtime.model_store import ModelStore
-from edge_runtime.model_zoo import fetch
 from edge_runtime.preprocess import decode_cost
 from edge_runtime.serving import InferenceService
-from edge_runtime.signing import generate_keypair, load_private_key
 
 NAME = "ppocr-cls"
 INFER = f"/v2/models/{NAME}/infer"
@@ -53,19 +49,6 @@ def _config(work: Path, max_decode_bytes: int) -> Config:
     return Config(state_dir=work / "state", trust_dir=work / "trust",
                   limits=Limits(max_decode_bytes=max_decode_bytes),
                   backend=BackendConfig(providers=("CPUExecutionProvider",), threads=1))
-
-
-def _install(work: Path) -> None:
-    generate_keypair(work / "bench.key")
-    (work / "trust").mkdir()
-    (work / "trust" / "bench.pub").write_bytes((work / "bench.key.pub").read_bytes())
-    model = fetch("ppocr_cls")
-    inputs, outputs = _introspect("onnx", model, "")
-    spec = BundleSpec(name=NAME, version=1, format="onnx", model=model, inputs=inputs, outputs=outputs,
-                      preprocess=Preprocess(size=(48, 192), color="bgr", scale=1 / 255, mean=(0.5,), std=(0.5,)),
-                      postprocess=Postprocess(type="classification", activation="none", top_k=2))
-    pack_bundle(work / "ppocr.bundle", spec, [load_private_key(work / "bench.key")])
-    ModelStore(_config(work, Limits().max_decode_bytes)).install(work / "ppocr.bundle", gates=False)
 
 
 def _status_kb(field: str) -> int:
@@ -161,7 +144,7 @@ def main() -> int:
     rows = [header]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _install(work)
+        install_ppocr_classifier(work, _config(work, Limits().max_decode_bytes), NAME)
         for label, max_decode_bytes in settings:
             rows.append(_run(work, label, max_decode_bytes, png, args.clients))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

