@@ -171,7 +171,11 @@ def test_a_reply_ready_while_the_broker_is_down_is_sent_when_it_is_back(
     with FaultServer({"/slow.bundle": Route(body=b"x" * 80, fault="drip", drip_seconds=0.1)}) as server:
         try:
             wait_for(lambda: "mqtt: connected" in serve.stderr(), 20, "daemon connected")
-            time.sleep(1.5)  # the broker autosaves every second: the subscription is on disk
+            # The broker autosaves every second: wait until a save that came after the subscription is on disk
+            # (a fixed sleep was too short on a loaded machine; the reply then had no queue to wait in).
+            subscribed = time.time()
+            db = broker.dir / "mosquitto.db"
+            wait_for(lambda: db.exists() and db.stat().st_mtime > subscribed + 0.1, 20, "the subscription saved")
             publish(broker, f"edge/{DEVICE}/cmd/update",
                     command({"url": server.url("/slow.bundle")}, cid="slow-update"))
             wait_for(lambda: server.seen("/slow.bundle"), 15, "the update to start downloading")
