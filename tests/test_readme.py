@@ -124,3 +124,13 @@ def test_sudo_commands_name_the_venv_not_a_bare_edge_runtime() -> None:
     bare = re.findall(r"(?:^|&&|;)\s*sudo (?:-u \S+ )?edge-runtime\b.*", commands, re.M)
     assert not bare, f"not on sudo's PATH: {bare}"
     assert "sudo /opt/edge-runtime/venv/bin/edge-runtime config check" in README
+
+
+def test_architecture_names_only_modules_that_exist() -> None:
+    # ARCHITECTURE.md names modules relative to edge_runtime/ (`update/ota.py`) and top-level files.
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:[a-z_]+/)*[a-z_]+\.py)`", text)) | set(re.findall(r"\b([a-z_]+/)\s", text))
+    missing = sorted(n for n in named if not ((root / "edge_runtime" / n).exists() or (root / n).exists()))
+    assert len(named) > 30 and not missing, f"ARCHITECTURE.md names what is not in the repo: {missing}"
+    assert "ARCHITECTURE.md" in README
