@@ -29,7 +29,8 @@ from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import Config, PipelineConfig
 from edge_runtime.liveness import Liveness
 from edge_runtime.pipelines.pipeline import Pipeline, SourceFactory
-from edge_runtime.pipelines.sources import MqttInputs, Source, build_source
+from edge_runtime.pipelines.sources.base import MqttInputs, Source
+from edge_runtime.pipelines.sources.factory import build_source
 from edge_runtime.runtime.service import InferenceService
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.telemetry.metrics import Metrics

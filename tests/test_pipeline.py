@@ -22,7 +22,8 @@ from edge_runtime.bundle.signing import generate_keypair
 from edge_runtime.config.model import Limits, PipelineConfig, SourceConfig, load_config
 from edge_runtime.errors import InferenceError
 from edge_runtime.pipelines.pipeline import Pipeline
-from edge_runtime.pipelines.sources import Item, Source, SourceContext, build_source
+from edge_runtime.pipelines.sources.base import Item, Source, SourceContext
+from edge_runtime.pipelines.sources.factory import build_source
 from edge_runtime.pipelines.sources.folder import state_db_path
 from edge_runtime.runtime.backends.base import Backend
 from edge_runtime.runtime.decode_budget import shared_budget

@@ -23,8 +23,9 @@ from daemon_helpers import wait_for
 from edge_runtime._util.retry_policy import redact_url
 from edge_runtime.config.model import Limits, SourceConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.pipelines.sources import NoSource, Source, SourceContext, build_source
+from edge_runtime.pipelines.sources.base import NoSource, Source, SourceContext
 from edge_runtime.pipelines.sources.capture import CaptureSource, backoff_delay
+from edge_runtime.pipelines.sources.factory import build_source
 from edge_runtime.pipelines.sources.folder import FolderSource, state_db_path
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.telemetry.metrics import Metrics
