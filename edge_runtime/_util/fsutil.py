@@ -14,12 +14,13 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 __all__ = [
     "CHUNK",
     "CLOEXEC",
     "NOFOLLOW",
+    "CappedReadError",
     "atomic_write",
     "create_exclusive",
     "fsync_dir",
@@ -27,6 +28,7 @@ __all__ = [
     "list_files",
     "make_private_dir",
     "read_capped",
+    "read_stream_capped",
     "remove_tree",
     "replace_symlink",
     "sha256_file",
@@ -158,23 +160,54 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def read_capped(path: Path, max_bytes: int) -> bytes:
-    """Read a file (not through a final symlink) of at most ``max_bytes``.
+class CappedReadError(OSError):
+    """A capped read found more than ``limit`` bytes at ``path`` (errno EFBIG).
+
+    An OSError, so a caller that treats every read failure alike still can;
+    callers that word their own message catch this first and use the fields.
+    """
+
+    def __init__(self, path: str, limit: int) -> None:
+        super().__init__(errno.EFBIG, f"larger than {limit} bytes", path)
+        self.path = path
+        self.limit = limit
+
+
+def read_capped(path: Path, max_bytes: int, *, follow_symlinks: bool = False) -> bytes:
+    """Read a whole file of at most ``max_bytes``, in chunks.
+
+    ``follow_symlinks=False`` (files inside the state dir) opens with
+    O_NOFOLLOW | O_NONBLOCK: a planted final symlink fails with ELOOP and a
+    planted FIFO reads as empty instead of hanging. ``True`` is for paths a user
+    names (config, keys, inputs): opened as ``open()`` would, links and pipes included.
 
     Raises:
-        OSError: unreadable or a symlink; EFBIG when larger than ``max_bytes``.
+        CappedReadError: the file holds more than ``max_bytes``.
+        OSError: unreadable, or a final symlink when ``follow_symlinks`` is False.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW | CLOEXEC)
-    # In chunks: read(max_bytes + 1) would allocate the whole cap up front, which a
-    # memory-capped gate child (RLIMIT_DATA) cannot afford for a 256 MB cap.
-    buf = bytearray()
+    flags = os.O_RDONLY | CLOEXEC | (0 if follow_symlinks else os.O_NONBLOCK | NOFOLLOW)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as fh:
-        while len(buf) <= max_bytes and (chunk := fh.read(min(1 << 20, max_bytes + 1 - len(buf)))):
-            buf += chunk
-    data = bytes(buf)
-    if len(data) > max_bytes:
-        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
-    return data
+        return read_stream_capped(fh, max_bytes, str(path))
+
+
+def read_stream_capped(fh: IO[bytes], max_bytes: int, name: str = "") -> bytes:
+    """Read an open stream to its end, refusing more than ``max_bytes``.
+
+    In chunks: ``read(max_bytes + 1)`` would allocate the whole cap up front,
+    which a memory-capped gate child (RLIMIT_DATA) cannot afford for a 256 MB cap.
+    At most ``max_bytes + 1`` bytes are ever read.
+
+    Raises:
+        CappedReadError: the stream holds more than ``max_bytes`` (``path`` is ``name``).
+        OSError: the read failed.
+    """
+    buf = bytearray()
+    while len(buf) <= max_bytes and (chunk := fh.read(min(CHUNK, max_bytes + 1 - len(buf)))):
+        buf += chunk
+    if len(buf) > max_bytes:
+        raise CappedReadError(name or "stream", max_bytes)
+    return bytes(buf)
 
 
 def list_files(root: Path) -> dict[str, int]:

@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_runtime._util.fsutil import create_exclusive
+from edge_runtime._util.fsutil import CappedReadError, create_exclusive, read_capped
 from edge_runtime._util.strict_text import load_json
 from edge_runtime.errors import ConfigError, SignatureError
 
@@ -77,13 +77,11 @@ def generate_keypair(path: Path) -> str:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(_MAX_KEY_FILE + 1)
+        return read_capped(path, _MAX_KEY_FILE, follow_symlinks=True)
+    except CappedReadError as e:
+        raise ConfigError(f"{path}: key file is too large") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read key: {e.strerror or e}") from e
-    if len(data) > _MAX_KEY_FILE:
-        raise ConfigError(f"{path}: key file is too large")
-    return data
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime.cli.common import Context, emit, verb_parser
 from edge_runtime.errors import CacheError, EdgeRuntimeError
 
@@ -31,9 +32,11 @@ def _run(ctx: Context, args: argparse.Namespace) -> int:
         for path in args.inputs:
             record: dict[str, Any] = {"input": str(path), "model": model.name, "version": model.version}
             try:
-                with open(path, "rb") as fh:
-                    data = fh.read(ctx.config.limits.max_image_bytes + 1)
+                data = read_capped(path, ctx.config.limits.max_image_bytes, follow_symlinks=True)
                 prediction = model.predict_bytes(data)
+            except CappedReadError as e:
+                failures += 1
+                record["error"] = f"input exceeds the {e.limit}-byte cap"
             except OSError as e:
                 failures += 1
                 record["error"] = f"cannot read input: {e.strerror}"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime._util.strict_text import parse_decimal
 from edge_runtime.bundle.manifest import Preprocess
 from edge_runtime.cli.bundle_cmd import SpecFile, load_spec
@@ -190,8 +191,10 @@ def _feeds(target: _Target, args: argparse.Namespace, max_bytes: int, max_pixels
         shapes[info.name] = (None, hwc[2], hwc[0], hwc[1]) if pre.layout == "NCHW" else (None, *hwc)
     given: dict[str, NDArray[Any]] = {}
     if args.input is not None:
-        with open(args.input, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+        try:
+            data = read_capped(args.input, max_bytes, follow_symlinks=True)
+        except CappedReadError as e:
+            raise InputError(f"{args.input}: input exceeds the {e.limit}-byte cap") from None
         if is_npy(data):
             given[info.name] = target.npy_tensor(load_npy(data, max_bytes))
         elif target.image_tensor is None:

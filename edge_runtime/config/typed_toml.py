@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -52,12 +53,11 @@ def load_toml(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
         ConfigError: unreadable, too large, not UTF-8 or not TOML.
     """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        raw = read_capped(path, max_bytes, follow_symlinks=True)  # a user-named file: links and pipes allowed
+    except CappedReadError as e:
+        raise ConfigError(f"{path}: larger than {e.limit} bytes") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
-    if len(raw) > max_bytes:
-        raise ConfigError(f"{path}: larger than {max_bytes} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

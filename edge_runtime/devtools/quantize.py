@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_runtime._util.fsutil import atomic_write
+from edge_runtime._util.fsutil import CappedReadError, atomic_write, read_capped
 from edge_runtime.config.model import Limits
 from edge_runtime.errors import BackendUnavailableError, EdgeRuntimeError, InputError, ModelError, ModelLoadError
 from edge_runtime.runtime.backends import create_backend
@@ -235,9 +235,10 @@ class _Reader:
 
 
 def _read(path: Path, max_bytes: int) -> bytes:
-    # One byte over the cap is enough for decode_image/load_npy to refuse it by size.
-    with open(path, "rb") as fh:
-        return fh.read(max_bytes + 1)
+    try:
+        return read_capped(path, max_bytes, follow_symlinks=True)
+    except CappedReadError as e:
+        raise InputError(f"input exceeds the {e.limit}-byte cap") from None
 
 
 def _tensor(data: bytes, info: TensorInfo, preprocessor: Preprocessor | None, limits: Limits) -> NDArray[Any]:

@@ -13,6 +13,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime.config.model import MqttConfig
 from edge_runtime.errors import ConfigError, LinkError
 
@@ -104,12 +105,11 @@ def read_password(config: MqttConfig, credentials_dir: str | None) -> Secret | N
         if not path.exists():
             return None
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PASSWORD_BYTES + 1)
+        data = read_capped(path, MAX_PASSWORD_BYTES, follow_symlinks=True)
+    except CappedReadError as e:
+        raise LinkError(f"MQTT password {path}: larger than {e.limit} bytes") from e
     except OSError as e:
         raise LinkError(f"MQTT password {path}: cannot read: {e.strerror or type(e).__name__}") from e
-    if len(data) > MAX_PASSWORD_BYTES:
-        raise LinkError(f"MQTT password {path}: larger than {MAX_PASSWORD_BYTES} bytes")
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):

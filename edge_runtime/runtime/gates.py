@@ -6,7 +6,6 @@ declared tolerances and meet ``gates.latency_ms_p95`` before it may serve.
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_runtime._util.fsutil import read_capped
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime.bundle.manifest import GoldenCase
 from edge_runtime.errors import EdgeRuntimeError, GateError, InputError
 from edge_runtime.runtime.loaded_model import LoadedModel
@@ -58,9 +57,9 @@ class GateReport:
 def _load_array_file(path: Path) -> NDArray[Any] | dict[str, NDArray[Any]]:
     try:
         data = read_capped(path, _MAX_GOLDEN_BYTES)
+    except CappedReadError as e:
+        raise InputError(f"golden file {path.name} is too large") from e
     except OSError as e:
-        if e.errno == errno.EFBIG:
-            raise InputError(f"golden file {path.name} is too large") from e
         raise InputError(f"golden file {path.name} is unreadable: {e.strerror or e}") from e
     # Parsed strictly, every size checked before numpy allocates (a signed bundle can still be hostile).
     if is_npy(data):

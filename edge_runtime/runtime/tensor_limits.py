@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_runtime._util.fsutil import CappedReadError, read_stream_capped
 from edge_runtime.errors import InputError
 
 __all__ = [
@@ -201,11 +202,12 @@ def load_npz(data: bytes, max_bytes: int, where: str) -> dict[str, NDArray[Any]]
             for info in members:
                 if not info.filename.endswith(".npy") or info.file_size > left:
                     raise InputError(f"{where}: .npz member {info.filename[:60]!r} is not a .npy within the cap")
-                with archive.open(info) as fh:
-                    raw = fh.read(left + 1)
+                try:
+                    with archive.open(info) as fh:
+                        raw = read_stream_capped(fh, left, info.filename)
+                except CappedReadError:
+                    raise InputError(f"{where}: .npz members exceed the {max_bytes}-byte cap") from None
                 left -= len(raw)
-                if left < 0:
-                    raise InputError(f"{where}: .npz members exceed the {max_bytes}-byte cap")
                 arrays[info.filename[:-4]] = parse_npy(raw, max_bytes, f"{where} member {info.filename[:60]!r}")
             return arrays
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, zlib.error) as e:

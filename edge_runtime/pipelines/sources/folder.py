@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge_runtime._util.fsutil import CLOEXEC, NOFOLLOW, make_private_dir
+from edge_runtime._util.fsutil import CLOEXEC, NOFOLLOW, CappedReadError, make_private_dir, read_stream_capped
 from edge_runtime.config.model import Limits, SourceConfig
 from edge_runtime.errors import ConfigError, InputError
 from edge_runtime.pipelines.sources.base import Item, Source, SourceContext
@@ -195,7 +195,9 @@ class FolderSource(Source):
             if st.st_size > self.max_bytes:
                 raise InputError(f"file of {st.st_size} bytes exceeds the {self.max_bytes}-byte cap")
             try:
-                data = fh.read(self.max_bytes + 1)
+                data = read_stream_capped(fh, self.max_bytes, name)
+            except CappedReadError:
+                return None  # grew past the cap while reading: judged again once stable
             except OSError as e:
                 raise InputError(f"read failed: {e.strerror or e}") from e
         return data if len(data) == sig[0] else None  # changed while reading: try again when stable
