@@ -16,7 +16,7 @@ from edge_runtime import __version__
 from edge_runtime.api.codec import encode_error
 
 __all__ = ["BUSY", "IDLE", "LINGER", "MAX_HEAD_BYTES", "RECEIVING", "RECV_BYTES", "Conn", "expects_continue",
-           "head_fields", "refusal"]
+           "head_fields", "receive", "refusal"]
 
 MAX_HEAD_BYTES = 65536
 """Request line + headers of one request (tritonclient sends a few hundred bytes)."""
@@ -49,6 +49,16 @@ class Conn:
         self.scanned = 0  # the buffer has no head end before this offset
         self.head_end = self.body_end = -1
         self.linger_left = 0
+
+
+def receive(conn: Conn) -> bytes | None:
+    """One non-blocking ``recv`` on ``conn``: the bytes, ``b""`` once the client closed or reset, None: nothing yet."""
+    try:
+        return conn.sock.recv(RECV_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def head_fields(head: bytes) -> tuple[str, list[str], bool]:

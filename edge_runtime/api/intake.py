@@ -44,6 +44,7 @@ from edge_runtime.api.connection import (
     Conn,
     expects_continue,
     head_fields,
+    receive,
     refusal,
 )
 from edge_runtime.api.linger import LINGER_SECONDS, LINGER_SLOW_SECONDS, Linger
@@ -229,12 +230,9 @@ class Intake:
     def _readable(self, conn: Conn) -> None:
         if conn.state == LINGER:
             return self._lingering.drain(conn)
-        try:
-            chunk = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        chunk = receive(conn)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:  # the client closed (or reset): nobody to answer
             return self._drop(conn, None)
         conn.buffer += chunk

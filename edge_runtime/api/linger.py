@@ -13,7 +13,7 @@ import selectors
 import socket
 import time
 
-from edge_runtime.api.connection import LINGER, RECV_BYTES, Conn
+from edge_runtime.api.connection import LINGER, Conn, receive
 
 __all__ = ["LINGER_SECONDS", "LINGER_SLOW_SECONDS", "Linger"]
 
@@ -54,12 +54,9 @@ class Linger:
 
     def drain(self, conn: Conn) -> None:
         """``conn`` is readable: discard what arrived; close it at the client's FIN or the byte bound."""
-        try:
-            chunk = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        chunk = receive(conn)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         conn.linger_left -= len(chunk)
         if not chunk or conn.linger_left <= 0:
             self.end(conn)
