@@ -15,7 +15,8 @@ in a worker.
 Closing a socket with unread bytes makes the kernel send a reset that destroys
 the reply on its way, so every close after a reply goes through *linger*:
 FIN, then read and discard until the client's FIN, bounded in time and bytes
-(as nginx's lingering close).
+(as nginx's lingering close; :mod:`edge_runtime.api.linger`). A connection's
+state and the request-head scanning are :mod:`edge_runtime.api.connection`'s.
 
 Idle CPU is a wake-up per :data:`~edge_runtime._util.progress.BEAT_SECONDS` (the
 heartbeat liveness watches) or per deadline, whichever is sooner; no polling.
@@ -31,70 +32,26 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from email.utils import formatdate
 
-from edge_runtime import __version__
 from edge_runtime._util.progress import BEAT_SECONDS, Heartbeat
-from edge_runtime.api.codec import encode_error
+from edge_runtime.api.connection import (
+    BUSY,
+    IDLE,
+    LINGER,
+    MAX_HEAD_BYTES,
+    RECEIVING,
+    RECV_BYTES,
+    Conn,
+    expects_continue,
+    head_fields,
+    receive,
+    refusal,
+)
+from edge_runtime.api.linger import LINGER_SECONDS, LINGER_SLOW_SECONDS, Linger
 
-__all__ = ["MAX_HEAD_BYTES", "Conn", "Intake", "refusal"]
+__all__ = ["Intake"]
 
 log = logging.getLogger("edge_runtime.api.server")
-
-MAX_HEAD_BYTES = 65536
-"""Request line + headers of one request (tritonclient sends a few hundred bytes)."""
-_RECV = 64 << 10
-_LINGER_SECONDS = 5.0  # after a reply given before the body was read: the client may still be sending it
-_LINGER_SLOW_SECONDS = 0.5  # after cutting off a slow client: long enough to read its 408, no longer
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
-            503: "Service Unavailable"}
-_IDLE, _RECEIVING, _BUSY, _LINGER = "idle", "receiving", "busy", "linger"
-
-
-def refusal(status: int, message: str, *, retry: bool = False) -> bytes:
-    """A complete ``Connection: close`` reply with a one-line JSON error, as the handler writes them."""
-    body = encode_error(message)
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nServer: edge-runtime/{__version__}\r\n"
-            f"Date: {formatdate(usegmt=True)}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            + ("Retry-After: 1\r\n" if retry else "") + "Connection: close\r\n\r\n")
-    return head.encode("iso-8859-1") + body
-
-
-class Conn:
-    """One client connection and what the intake knows of its current request."""
-
-    __slots__ = ("body_end", "buffer", "deadline", "head_end", "linger_left", "peer", "scanned", "sock", "state")
-
-    def __init__(self, sock: socket.socket, peer: object) -> None:
-        self.sock, self.peer = sock, peer
-        self.buffer = bytearray()
-        self.state = _IDLE
-        self.deadline = 0.0
-        self.scanned = 0  # the buffer has no head end before this offset
-        self.head_end = self.body_end = -1
-        self.linger_left = 0
-
-
-def _head_fields(head: bytes) -> tuple[str, list[str], bool]:
-    """(HTTP version word, Content-Length values, Transfer-Encoding present) of a complete request head."""
-    lines = head.decode("iso-8859-1").split("\n")
-    words = lines[0].split()
-    lengths: list[str] = []
-    chunked = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        key = name.lower()
-        if colon and key == "content-length":
-            lengths.append(value.strip())
-        elif colon and key == "transfer-encoding":
-            chunked = True
-    return (words[2] if len(words) == 3 else ""), lengths, chunked
-
-
-def _expects_continue(head: bytes) -> bool:
-    return any(line.partition(b":")[0].lower() == b"expect" and line.partition(b":")[2].strip().lower()
-               == b"100-continue" for line in head.split(b"\n")[1:])
-
 
 class Intake:
     """The selector thread: accepts on ``listener``, receives requests, gives complete ones to ``dispatch``.
@@ -128,7 +85,7 @@ class Intake:
         self._conns: set[Conn] = set()  # every open connection but lingering ones
         self._receiving: dict[Conn, None] = {}  # insertion order = oldest request first
         self._idle: dict[Conn, None] = {}  # insertion order = idle longest first
-        self._lingering: dict[Conn, None] = {}
+        self._lingering = Linger(self._selector, max_connections, 4 * max_request_bytes + RECV_BYTES)
         self._buffered = 0
         self._stopping = False
         self._ended = False
@@ -162,7 +119,7 @@ class Intake:
     def busy_sockets(self) -> list[socket.socket]:
         """Sockets of the connections in a worker now (stop() cuts them off after its drain timeout)."""
         with self._lock:
-            return [c.sock for c in self._conns if c.state == _BUSY]
+            return [c.sock for c in self._conns if c.state == BUSY]
 
     def open_connections(self) -> int:
         with self._lock:
@@ -180,7 +137,7 @@ class Intake:
         self._selector.register(self.listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         try:
-            while not (self._stopping and not self._lingering):
+            while not (self._stopping and not self._lingering.conns):
                 self.progress.beat()
                 timeout = max(0.0, min(BEAT_SECONDS, self._next_sweep - time.monotonic()))
                 events = self._selector.select(timeout)
@@ -191,7 +148,7 @@ class Intake:
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
-                    elif key.data.state != _BUSY and key.data.sock.fileno() >= 0:  # not dropped in this batch
+                    elif key.data.state != BUSY and key.data.sock.fileno() >= 0:  # not dropped in this batch
                         self._readable(key.data)
                 self._take_returned()
                 if self._stopping:
@@ -234,7 +191,7 @@ class Intake:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock, peer)
         if len(self._conns) >= self.max_connections and not self._evict():
-            self._linger(conn, refusal(503, "too many connections; retry later", retry=True), _LINGER_SLOW_SECONDS)
+            self._linger(conn, refusal(503, "too many connections; retry later", retry=True), LINGER_SLOW_SECONDS)
             return
         with self._lock:
             self._conns.add(conn)
@@ -255,7 +212,7 @@ class Intake:
     # ------------------------------------------------------------------ connection states
 
     def _to_idle(self, conn: Conn, *, registered: bool = False) -> None:
-        conn.state, conn.deadline = _IDLE, time.monotonic() + self.idle_timeout
+        conn.state, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
         conn.head_end = conn.body_end = -1
         conn.scanned = 0
         self._idle[conn] = None
@@ -271,14 +228,11 @@ class Intake:
         self._receiving.pop(conn, None)
 
     def _readable(self, conn: Conn) -> None:
-        if conn.state == _LINGER:
-            return self._drain(conn)
-        try:
-            chunk = conn.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
+        if conn.state == LINGER:
+            return self._lingering.drain(conn)
+        chunk = receive(conn)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:  # the client closed (or reset): nobody to answer
             return self._drop(conn, None)
         conn.buffer += chunk
@@ -291,9 +245,9 @@ class Intake:
 
     def _parse(self, conn: Conn) -> None:
         """Advance ``conn``'s request: find the head's end, then wait for the body; dispatch when complete."""
-        if conn.state == _IDLE:
+        if conn.state == IDLE:
             self._idle.pop(conn, None)
-            conn.state, conn.deadline = _RECEIVING, time.monotonic() + self.request_timeout
+            conn.state, conn.deadline = RECEIVING, time.monotonic() + self.request_timeout
             self._receiving[conn] = None
             self._next_sweep = min(self._next_sweep, conn.deadline)
         if conn.head_end < 0:
@@ -301,27 +255,27 @@ class Intake:
             ends = [i for i in (buf.find(b"\n\r\n", conn.scanned), buf.find(b"\n\n", conn.scanned)) if i >= 0]
             if not ends:
                 if len(buf) > MAX_HEAD_BYTES:
-                    return self._drop(conn, refusal(431, "request head too long"), _LINGER_SECONDS)
+                    return self._drop(conn, refusal(431, "request head too long"), LINGER_SECONDS)
                 conn.scanned = max(0, len(buf) - 2)
                 return
             end = min(ends)
             conn.head_end = end + (3 if buf[end + 1:end + 3] == b"\r\n" else 2)
             if conn.head_end > MAX_HEAD_BYTES:
-                return self._drop(conn, refusal(431, "request head too long"), _LINGER_SECONDS)
+                return self._drop(conn, refusal(431, "request head too long"), LINGER_SECONDS)
             conn.body_end = conn.head_end + self._body_length(conn, bytes(buf[:conn.head_end]))
         if len(conn.buffer) >= conn.body_end:
             self._dispatch(conn)
 
     def _body_length(self, conn: Conn, head: bytes) -> int:
         """Bytes of body to receive here: the Content-Length the handler will accept, else 0 (it refuses)."""
-        version, lengths, chunked = _head_fields(head)
+        version, lengths, chunked = head_fields(head)
         if chunked or len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
             return 0
         length = int(lengths[0])
         if length > self.max_request_bytes:
             return 0  # the handler answers 413 without it
         conn.deadline += length / self.min_body_rate
-        if length and version == "HTTP/1.1" and len(conn.buffer) < conn.head_end + length and _expects_continue(head):
+        if length and version == "HTTP/1.1" and len(conn.buffer) < conn.head_end + length and expects_continue(head):
             with contextlib.suppress(OSError):  # the client waits for this before it sends the body
                 conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         return length
@@ -333,7 +287,7 @@ class Intake:
         self._buffered -= len(request)
         conn.buffer = bytearray(rest)
         with self._lock:
-            conn.state = _BUSY
+            conn.state = BUSY
         conn.sock.settimeout(self.idle_timeout)  # the worker writes blocking, bounded per send
         self.dispatch(conn, request)
 
@@ -343,18 +297,18 @@ class Intake:
             if keep_alive and not self._stopping:
                 conn.sock.setblocking(False)
                 with self._lock:
-                    conn.state = _IDLE
+                    conn.state = IDLE
                 self._to_idle(conn, registered=registered)
             else:
                 if registered:
                     self._selector.unregister(conn.sock)
                 with self._lock:
-                    conn.state = _IDLE  # not busy any more; _drop unregisters nothing it does not hold
-                self._close(conn, b"", _LINGER_SECONDS if body_unread else _LINGER_SLOW_SECONDS)
+                    conn.state = IDLE  # not busy any more; _drop unregisters nothing it does not hold
+                self._close(conn, b"", LINGER_SECONDS if body_unread else LINGER_SLOW_SECONDS)
 
     # ------------------------------------------------------------------ closing
 
-    def _drop(self, conn: Conn, reply: bytes | None, linger: float = _LINGER_SLOW_SECONDS) -> None:
+    def _drop(self, conn: Conn, reply: bytes | None, linger: float = LINGER_SLOW_SECONDS) -> None:
         """Close a connection the intake holds: None = at once (the client is gone), else after ``reply``."""
         self._leave(conn)
         self._selector.unregister(conn.sock)
@@ -372,52 +326,18 @@ class Intake:
         self._linger(conn, reply, linger)
 
     def _linger(self, conn: Conn, reply: bytes, seconds: float) -> None:
-        """Send ``reply``, FIN, and drain until the client's FIN, ``seconds`` or the byte bound (then close)."""
-        conn.sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            if reply:
-                conn.sock.send(reply)  # a small reply fits the empty send buffer
-            conn.sock.shutdown(socket.SHUT_WR)
-        if len(self._lingering) >= self.max_connections:  # bound the sockets held this way too
-            self._end_linger(next(iter(self._lingering)))
-        conn.state, conn.deadline = _LINGER, time.monotonic() + seconds
-        conn.linger_left = 4 * self.max_request_bytes + _RECV  # a body declared over the cap still drains
-        self._lingering[conn] = None
-        self._next_sweep = min(self._next_sweep, conn.deadline)
-        try:
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        except (OSError, ValueError):  # already closed by the peer's reset
-            self._end_linger(conn)
-
-    def _drain(self, conn: Conn) -> None:
-        try:
-            chunk = conn.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        conn.linger_left -= len(chunk)
-        if not chunk or conn.linger_left <= 0:
-            self._end_linger(conn)
-
-    def _end_linger(self, conn: Conn) -> None:
-        self._lingering.pop(conn, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(conn.sock)
-        with contextlib.suppress(OSError):
-            conn.sock.close()
+        self._next_sweep = min(self._next_sweep, self._lingering.start(conn, reply, seconds))
 
     def _sweep(self) -> None:
         """Apply the deadlines: idle connections close, slow requests get 408, lingering ones close."""
         now = time.monotonic()
         for conn in [c for c in self._idle if c.deadline <= now]:
-            self._drop(conn, b"", _LINGER_SLOW_SECONDS)
+            self._drop(conn, b"", LINGER_SLOW_SECONDS)
         for conn in [c for c in self._receiving if c.deadline <= now]:
             what = "request head" if conn.head_end < 0 else "request body"
             self._drop(conn, refusal(408, f"{what} not received in time"))
-        for conn in [c for c in self._lingering if c.deadline <= now]:
-            self._end_linger(conn)
-        deadlines = [c.deadline for d in (self._idle, self._receiving, self._lingering) for c in d]
+        self._lingering.expire(now)
+        deadlines = [c.deadline for d in (self._idle, self._receiving, self._lingering.conns) for c in d]
         # At most 20 sweeps a second however the deadlines spread: each one looks at every connection.
         self._next_sweep = max(min(deadlines, default=now + BEAT_SECONDS), now + 0.05)
 
@@ -428,5 +348,4 @@ class Intake:
             self.listener.close()
         for conn in list(self._idle) + list(self._receiving):
             self._drop(conn, None)
-        for conn in list(self._lingering):
-            self._end_linger(conn)
+        self._lingering.end_all()

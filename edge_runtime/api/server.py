@@ -40,8 +40,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from edge_runtime._util.progress import Heartbeat
+from edge_runtime.api.connection import Conn
 from edge_runtime.api.handler import ApiRequestHandler, HandlerContext
-from edge_runtime.api.intake import Conn, Intake
+from edge_runtime.api.intake import Intake
 from edge_runtime.config.model import ApiConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.runtime.service import InferenceService

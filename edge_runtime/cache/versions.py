@@ -14,7 +14,9 @@ a version dir into the trash) then an fsync of its directory, ordered so that
 any prefix of an operation leaves a complete, hash-valid version active;
 :meth:`ModelCache.recover` removes leftovers and repairs links at start-up
 (:mod:`edge_runtime.cache.recovery`). Paths and links are
-:mod:`edge_runtime.cache.layout`'s; this module holds the policy.
+:mod:`edge_runtime.cache.layout`'s, which versions gc keeps
+:mod:`edge_runtime.cache.keep_rules`' and the ``models list`` records
+:mod:`edge_runtime.cache.model_info`'s; this module holds the policy.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime._util.fsutil import fsync_dir, fsync_tree, remove_tree
 from edge_runtime.bundle.manifest import Manifest, StagedBundle
 from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.cache.keep_rules import GC_STEPS, collect_old, removable_versions, remove_version
 from edge_runtime.cache.layout import CacheLayout, Fault, cache_errors, check_hashes, check_layout, read_link
+from edge_runtime.cache.model_info import ModelInfo, list_models
 from edge_runtime.cache.recovery import recover_cache
 from edge_runtime.cache.staging_owner import sweep_staging
 from edge_runtime.cache.state import StateStore
@@ -38,20 +41,17 @@ from edge_runtime.update.reverify import Trust, VerifiedManifest, read_verified_
 
 __all__ = [
     "ACTIVATE_STEPS",
-    "GC_STEPS",
     "INSTALL_STEPS",
     "ROLLBACK_STEPS",
     "Check",
     "Fault",
     "ModelCache",
-    "ModelInfo",
 ]
 
 Check = Callable[[Path, Manifest], None]
 """``check(directory, manifest)``: load and gate a candidate; raise to refuse it."""
 
 _LINK_STEPS = ("previous-linked", "previous-set", "active-linked", "active-set")
-GC_STEPS = ("gc:trashed", "gc:removed")
 INSTALL_STEPS = (
     *("install:checked", "install:synced", "install:renamed", "install:dir-synced"),
     "install:floor-raised",
@@ -62,19 +62,6 @@ ACTIVATE_STEPS = tuple(f"activate:{s}" for s in _LINK_STEPS)
 ROLLBACK_STEPS = tuple(f"rollback:{s}" for s in _LINK_STEPS)
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """One model name as ``models list`` shows it; ``problems`` names broken links."""
-
-    name: str
-    versions: tuple[int, ...]
-    active: int | None
-    previous: int | None
-    floor: int
-    pinned: int | None
-    problems: tuple[str, ...] = ()
 
 
 def _no_fault(step: str) -> None:
@@ -199,22 +186,7 @@ class ModelCache:
 
     def list_models(self) -> list[ModelInfo]:
         """One record per model name; corrupt links are reported in ``problems``, not raised."""
-        state, infos = self.state.load(), []
-        for name in self.names():
-            links: dict[str, int | None] = {"active": None, "previous": None}
-            problems = []
-            for which in links:
-                try:
-                    links[which] = self._layout.link_version(name, which)
-                except CacheError as e:
-                    problems.append(e.one_line())
-            versions = tuple(self.versions(name))
-            floor = max(state.model(name).highest, *versions, 0)
-            pinned = state.model(name).pinned
-            infos.append(
-                ModelInfo(name, versions, links["active"], links["previous"], floor, pinned, tuple(problems))
-            )
-        return infos
+        return list_models(self._layout, self.state)
 
     # ---------------------------------------------------------------- mutations
 
@@ -333,48 +305,19 @@ class ModelCache:
         versions; deletes nothing while a link is corrupt.
         Raises CacheError: the state is corrupt or the file system failed.
         """
-        with self.state.locked(), cache_errors(f"cannot collect old versions of {name}"):
-            versions = self.removable_versions(name)
-            newest = set(self.versions(name)[-self.keep_versions :])
-            removed = [v for v in versions if v not in newest]
-            for version in removed:
-                self._remove(name, version)
-            return removed
+        return collect_old(self._layout, self.state, name, self.keep_versions, self._fault)
 
     def removable_versions(self, name: str) -> list[int]:
         """Versions of ``name`` that may ever be deleted, oldest first: not active, previous, pinned
         or a probation record's; none while a link is corrupt. Raises CacheError: the state is corrupt."""
-        with self.state.locked():
-            try:
-                keep = {self.active_version(name), self.previous_version(name)}
-            except CacheError:
-                return []
-            model = self.state.load().model(name)
-            keep |= {model.pinned}
-            if model.probation is not None:
-                keep |= {model.probation.version, model.probation.previous}
-            return [v for v in self.versions(name) if v not in keep]
+        return removable_versions(self._layout, self.state, name)
 
     def remove_version(self, name: str, version: int) -> None:
         """Delete one version that :meth:`removable_versions` lists (to make room before an install).
 
         Raises CacheError: the version is not removable (any more), or the file system failed.
         """
-        with self.state.locked(), cache_errors(f"cannot remove {name} v{version}"):
-            if version not in self.removable_versions(name):
-                raise CacheError(f"{name} v{version} is active, previous, pinned or on probation: kept")
-            self._remove(name, version)
-
-    def _remove(self, name: str, version: int) -> None:
-        ndir = self._layout.name_dir(name)
-        # Rename first: a crash mid-delete leaves a dot-entry that
-        # recover() removes, never a half-deleted "version" dir.
-        trash = ndir / f".trash-{version}-{os.getpid()}"
-        (ndir / str(version)).rename(trash)
-        fsync_dir(ndir)
-        self._fault("gc:trashed")
-        remove_tree(trash)
-        self._fault("gc:removed")
+        remove_version(self._layout, self.state, name, version, self._fault)
 
     def recover(self) -> list[str]:
         """Repair the cache at start-up; return one human-readable note per repair.

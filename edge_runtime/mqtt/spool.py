@@ -21,7 +21,7 @@ Bound: when adding a message would exceed ``max_messages`` or ``max_bytes``
 (payload plus topic bytes), the oldest messages are deleted first. They are
 counted in a persisted ``dropped`` counter and their seq ranges are kept (the
 latest ``MAX_DROPPED_RANGES``) so telemetry can tell subscribers which seqs are
-gone for good.
+gone for good: :mod:`edge_runtime.mqtt.spool_books` keeps these counts.
 
 A database that sqlite reports as corrupt (at open or later) is moved aside as
 ``<name>.corrupt-<unix time>`` with a logged warning and recreated; the messages
@@ -51,6 +51,7 @@ from typing import Any
 
 from edge_runtime._util.fsutil import make_private_dir
 from edge_runtime.errors import EdgeRuntimeError, InputError
+from edge_runtime.mqtt.spool_books import MAX_DROPPED_RANGES, SpoolBooks
 from edge_runtime.mqtt.spool_file import (
     connect,
     identity,
@@ -65,10 +66,8 @@ from edge_runtime.mqtt.spool_file import (
 from edge_runtime.mqtt.spool_floor import SEQ_RESERVE, SeqFloor
 from edge_runtime.mqtt.spool_loss import LossLog, Lost
 
-__all__ = ["MAX_DROPPED_RANGES", "SEQ_RESERVE", "Spool", "Spooled"]
+__all__ = ["SEQ_RESERVE", "Spool", "Spooled"]
 
-MAX_DROPPED_RANGES = 32
-_VACUUM_PAGES = 256
 _log = logging.getLogger(__name__)
 
 
@@ -109,9 +108,8 @@ class Spool:
         self.max_bytes = max_bytes
         self._synchronous = synchronous
         self._lock = threading.Lock()
-        self._count = self._bytes = self._dropped = 0
+        self._books = SpoolBooks(max_messages, max_bytes)
         self._next_seq = 1
-        self._last_range: tuple[int, int] | None = None
         self._conn: sqlite3.Connection | None = None
         self._ident: tuple[int, int] | None = None
         self._loss = LossLog()
@@ -129,23 +127,23 @@ class Spool:
     @property
     def pending(self) -> int:
         """Messages stored and not yet acknowledged."""
-        return self._count
+        return self._books.count
 
     @property
     def pending_bytes(self) -> int:
         """Payload plus topic bytes of the pending messages (what ``max_bytes`` bounds)."""
-        return self._bytes
+        return self._books.bytes
 
     @property
     def dropped(self) -> int:
         """Messages deleted unsent to respect the bound (or lost to corruption), ever."""
-        return self._dropped
+        return self._books.dropped
 
     def dropped_ranges(self) -> list[tuple[int, int]]:
         """Inclusive seq ranges of dropped messages, oldest first (the latest ``MAX_DROPPED_RANGES``)."""
         with self._lock:
-            rows = self._run(lambda c: c.execute("SELECT first, last FROM dropped_ranges ORDER BY first").fetchall())
-            ranges = sorted({(int(a), int(b)) for a, b in rows or ()} | set(self._loss.ranges()))
+            rows = self._run(self._books.stored_ranges)
+            ranges = sorted(set(rows or ()) | set(self._loss.ranges()))
         return ranges[-MAX_DROPPED_RANGES:]
 
     def take_lost(self) -> list[Lost]:
@@ -158,7 +156,7 @@ class Spool:
     def stats(self) -> dict[str, Any]:
         """Counters for telemetry: pending, pending_bytes, dropped, dropped_ranges, next_seq."""
         ranges = self.dropped_ranges()
-        return {"pending": self._count, "pending_bytes": self._bytes, "dropped": self._dropped,
+        return {"pending": self._books.count, "pending_bytes": self._books.bytes, "dropped": self._books.dropped,
                 "dropped_ranges": [list(r) for r in ranges[-8:]], "next_seq": self._next_seq}
 
     def append(self, topic: str, build: Callable[[int], bytes], qos: int = 1) -> int:
@@ -204,7 +202,7 @@ class Spool:
                 return 0
             where = f"seq IN ({','.join('?' * len(params))})"
         with self._lock:
-            result = self._run(lambda c: self._delete(c, where, params))
+            result = self._run(lambda c: self._books.delete(c, where, params))
         return result or 0
 
     def close(self) -> None:
@@ -229,13 +227,13 @@ class Spool:
         try:
             self._floor.reserve(seq)
             with transaction(conn):
-                saved = self._loss.save(lambda first, last, n: self._record_drop(conn, first, last, n))
+                saved = self._loss.save(lambda first, last, n: self._books.record_drop(conn, first, last, n))
                 if size > self.max_bytes:
                     # Consume the seq and explain it: subscribers find it in dropped_ranges.
                     set_last_seq(conn, seq)
-                    self._record_drop(conn, seq, seq, 1)
+                    self._books.record_drop(conn, seq, seq, 1)
                 else:
-                    self._make_room(conn, size)
+                    self._books.make_room(conn, size)
                     conn.execute("INSERT INTO messages(seq, topic, qos, payload, size) VALUES (?, ?, ?, ?, ?)",
                                  (seq, topic, qos, payload, size))
         except sqlite3.DatabaseError as e:
@@ -252,19 +250,19 @@ class Spool:
         saved()
         self._next_seq = seq + 1
         if size > self.max_bytes:
-            self._dropped += 1
+            self._books.dropped += 1
             _log.warning("spool: message seq %d to %s is %d bytes, over the %d-byte bound: dropped",
                          seq, topic, size, self.max_bytes)
             raise InputError(f"message of {size} bytes exceeds the spool bound of {self.max_bytes} bytes")
-        self._count += 1
-        self._bytes += size
+        self._books.count += 1
+        self._books.bytes += size
         return seq
 
     def _lose(self, seq: int, topic: str, failure: EdgeRuntimeError) -> None:
         """``seq`` could not be stored: use it up and count it, so its gap is explained."""
         self._next_seq = seq + 1
         self._lost_seq = seq  # used up even though the file has no trace of it yet
-        self._dropped += 1
+        self._books.dropped += 1
         self._loss.add(seq, failure.one_line())
         _log.warning("spool: message seq %d to %s not stored, counted as dropped: %s", seq, topic, failure.one_line())
 
@@ -272,7 +270,7 @@ class Spool:
         """Rescue the messages of a spool file deleted or replaced under us (the connection still reads it)."""
         if self._conn is None or identity(self.path) == self._ident:
             return
-        old, count = self._conn, self._count
+        old, count = self._conn, self._books.count
         _, _, span = salvage(old)
         _log.warning("spool %s was deleted or replaced while open: copying its %d messages into a new file",
                      self.path, count)
@@ -284,52 +282,6 @@ class Spool:
             return
         self._conn = None
         self._open_file()
-
-    def _make_room(self, conn: sqlite3.Connection, size: int) -> None:
-        excess_count = self._count + 1 - self.max_messages
-        excess_bytes = self._bytes + size - self.max_bytes
-        if excess_count <= 0 and excess_bytes <= 0:
-            return
-        first = last = n = freed = 0
-        rows = conn.execute("SELECT seq, size FROM messages ORDER BY seq")
-        for seq, row_size in rows:
-            first = first or int(seq)
-            last, n, freed = int(seq), n + 1, freed + int(row_size)
-            if n >= excess_count and freed >= excess_bytes:
-                break
-        rows.close()
-        if n == 0:
-            return
-        conn.execute("DELETE FROM messages WHERE seq <= ?", (last,))
-        self._count -= n
-        self._bytes -= freed
-        self._record_drop(conn, first, last, n)
-        self._dropped += n
-
-    def _record_drop(self, conn: sqlite3.Connection, first: int, last: int, n: int) -> None:
-        conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
-        if self._last_range is not None and first == self._last_range[1] + 1:
-            conn.execute("UPDATE dropped_ranges SET last = ? WHERE first = ?", (last, self._last_range[0]))
-            self._last_range = (self._last_range[0], last)
-        else:
-            conn.execute("INSERT OR REPLACE INTO dropped_ranges(first, last) VALUES (?, ?)", (first, last))
-            conn.execute("DELETE FROM dropped_ranges WHERE first NOT IN "
-                         "(SELECT first FROM dropped_ranges ORDER BY first DESC LIMIT ?)", (MAX_DROPPED_RANGES,))
-            self._last_range = (first, last)
-
-    def _delete(self, conn: sqlite3.Connection, where: str, params: list[int]) -> int:
-        with transaction(conn):
-            n, freed = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE {where}",  # noqa: S608
-                                    params).fetchone()
-            if n:
-                conn.execute(f"DELETE FROM messages WHERE {where}", params)  # noqa: S608
-        self._count -= int(n)
-        self._bytes -= int(freed)
-        if n and self._count == 0 and conn.execute("PRAGMA freelist_count").fetchone()[0] > _VACUUM_PAGES:
-            # Give a drained backlog's pages back to the file system. executescript steps the
-            # pragma to completion; execute() would free a single page.
-            conn.executescript("PRAGMA incremental_vacuum;")
-        return int(n)
 
     def _run(self, op: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run a read or delete; on corruption recreate the database and return None."""
@@ -351,7 +303,7 @@ class Spool:
         if not is_corrupt(error):
             raise EdgeRuntimeError(f"spool {self.path}: {error}") from error
         count, span = self._salvage()
-        self._recover(str(error), max(count, self._count), span, self._next_seq)
+        self._recover(str(error), max(count, self._books.count), span, self._next_seq)
         raise _Corrupt from error
 
     def _reload_after_failure(self) -> None:
@@ -388,13 +340,9 @@ class Spool:
         return problem
 
     def _load(self, conn: sqlite3.Connection) -> None:
-        count, total = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
-        dropped = int(conn.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()[0])
-        last = conn.execute("SELECT first, last FROM dropped_ranges ORDER BY first DESC LIMIT 1").fetchone()
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         # Losses not yet written to the file stay counted; their seqs stay used up.
-        self._count, self._bytes, self._dropped = int(count), int(total), dropped + self._loss.unsaved
-        self._last_range = None if last is None else (int(last[0]), int(last[1]))
+        self._books.load(conn, self._loss.unsaved)
         # The floor is a reservation ahead of use: only a database that lost its history
         # starts there (a gap subscribers can see), a healthy one continues exactly.
         self._next_seq = max(self._lost_seq + 1, int(row[0]) + 1 if row else max(1, self._floor.value))
@@ -402,7 +350,7 @@ class Spool:
     def _salvage(self) -> tuple[int, tuple[int, int] | None]:
         """Best effort on a corrupt file: how many messages it held and their seq range."""
         dropped, count, span = salvage(self._conn)
-        self._dropped = max(self._dropped, dropped)
+        self._books.dropped = max(self._books.dropped, dropped)
         return count, span
 
     def _recover(self, reason: str, lost: int, span: tuple[int, int] | None, next_seq: int | None) -> None:
@@ -411,7 +359,7 @@ class Spool:
         aside = move_aside(self.path)
         _log.warning("spool %s is unusable (%s): moved aside to %s and recreated; %d messages lost",
                      self.path, " ".join(reason.split()), aside.name, lost)
-        dropped = self._dropped + lost
+        dropped = self._books.dropped + lost
         self._floor.load()
         conn = self._conn = connect(self.path)
         self._ident = identity(self.path)

@@ -1,7 +1,8 @@
 """The spool's sqlite file: create it safely, set it up, recognise and set aside a corrupt one.
 
 Everything here works on a path or a connection and holds no state;
-:class:`edge_runtime.mqtt.spool.Spool` owns the queue logic and the counters.
+:class:`edge_runtime.mqtt.spool.Spool` owns the queue logic,
+:class:`edge_runtime.mqtt.spool_books.SpoolBooks` the counters.
 """
 
 from __future__ import annotations

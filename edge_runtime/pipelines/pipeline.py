@@ -1,10 +1,10 @@
 """A pipeline: one source feeding one model through a bounded queue, results to the log and a sink.
 
 Two daemon threads. The *source thread* pulls items from the source into a
-queue of ``config.source.queue`` items: a lossy source (camera, stream) drops
-the oldest item when the queue is full (latest-frame policy, counted in
-``metrics.drop``); a lossless one (folder) waits for room, so every file is
-processed. The *worker thread* runs each item through the
+queue of ``config.source.queue`` items (:mod:`edge_runtime.pipelines.item_queue`):
+a lossy source (camera, stream) drops the oldest item when the queue is full
+(latest-frame policy, counted in ``metrics.drop``); a lossless one (folder)
+waits for room, so every file is processed. The *worker thread* runs each item through the
 :class:`InferenceService` and hands a JSON-ready record to ``on_result`` (the daemon prints it once, as
 JSON on stdout, for ``results = "log"``; it is not logged a second time).
 
@@ -25,7 +25,6 @@ than a bound; :meth:`Pipeline.restart_source` abandons a stuck source thread
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 from edge_runtime._util.progress import BEAT_SECONDS, Heartbeat
 from edge_runtime.config.model import PipelineConfig
 from edge_runtime.errors import BusyError, CacheError, EdgeRuntimeError, InputError
+from edge_runtime.pipelines.item_queue import ItemQueue
 from edge_runtime.pipelines.sources.base import Item, Source
 from edge_runtime.runtime.service import InferenceService
 from edge_runtime.telemetry.events import EventBus
@@ -58,67 +58,6 @@ _BLOCKED_SECONDS = 4 * BEAT_SECONDS  # a thread without a beat this long is bloc
 _log = logging.getLogger(__name__)
 
 
-class _ItemQueue:
-    """A bounded FIFO that knows what is in flight, and can be closed to wake every waiter."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: collections.deque[Item] = collections.deque()
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._closed = False
-
-    def put_latest(self, item: Item) -> tuple[int, int]:
-        """Append, dropping the oldest items to make room; returns (dropped, depth)."""
-        with self._cond:
-            dropped = 0
-            while len(self._items) >= self.size:
-                self._items.popleft()
-                dropped += 1
-            self._items.append(item)
-            self._cond.notify_all()
-            return dropped, len(self._items)
-
-    def put_wait(self, item: Item, beat: Callable[[], None]) -> int | None:
-        """Append once there is room (calling ``beat`` while waiting); the depth, or None once closed."""
-        with self._cond:
-            while not self._cond.wait_for(lambda: self._closed or len(self._items) < self.size, BEAT_SECONDS):
-                beat()
-            if self._closed:
-                return None
-            self._items.append(item)
-            self._cond.notify_all()
-            return len(self._items)
-
-    def get(self, beat: Callable[[], None]) -> tuple[Item, int] | None:
-        """The next item and the depth left, marked in flight (``beat`` while idle); None once closed."""
-        with self._cond:
-            while not self._cond.wait_for(lambda: self._closed or bool(self._items), BEAT_SECONDS):
-                beat()
-            if self._closed:
-                return None
-            self._in_flight += 1
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item, len(self._items)
-
-    def done(self) -> None:
-        """The item taken by the last :meth:`get` is finished."""
-        with self._cond:
-            self._in_flight -= 1
-            self._cond.notify_all()
-
-    def idle(self) -> bool:
-        """Nothing queued and nothing in flight."""
-        with self._cond:
-            return not self._items and not self._in_flight
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
 class Pipeline:
     """Runs ``config.model`` on every item of ``source``; see the module docstring for the policy.
 
@@ -139,7 +78,7 @@ class Pipeline:
         self.metrics = metrics
         self.events = events
         self.on_result = on_result
-        self._queue = _ItemQueue(config.source.queue)
+        self._queue = ItemQueue(config.source.queue)
         self._stopping = threading.Event()
         self._source_ended = threading.Event()  # the source finished by itself (a video's end)
         self._new_source = new_source
