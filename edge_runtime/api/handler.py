@@ -110,7 +110,7 @@ class _Job(Protocol):
 
 
 class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
-    """One complete request of the inference API, received by the intake (api_intake); answers it and returns.
+    """One complete request of the inference API, received by the intake (api.intake); answers it and returns.
 
     The intake has received the head and the body (up to a Content-Length the
     handler accepts) before a worker runs this, so it never waits for the client.
