@@ -416,14 +416,14 @@ def test_dispatcher_never_raises_on_a_handler_bug(tmp_path: Path, caplog: pytest
 
 
 SURFACE = {
-    "command_parse": {"VERBS", "Command", "Reply", "best_effort_id", "check_verb", "command_from_object",
+    "commands.parse": {"VERBS", "Command", "Reply", "best_effort_id", "check_verb", "command_from_object",
                       "load_object", "parse_command"},
-    "command_auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
+    "commands.auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
-    "command_ledger": {"Claim", "CommandLedger"},
-    "commands": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler",
+    "commands.ledger": {"Claim", "CommandLedger"},
+    "commands.handlers": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler",
                  "Reply", "pinned_version"},
-    "runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
+    "commands.runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
 
 
