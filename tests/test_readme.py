@@ -15,6 +15,7 @@ from edge_runtime.cli.bundle_cmd import SpecFile
 from edge_runtime.config.model import Config, PipelineConfig, SourceConfig
 from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.errors import ConfigError
+from edge_runtime.telemetry.events import EVENT_KINDS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -124,3 +125,14 @@ def test_sudo_commands_name_the_venv_not_a_bare_edge_runtime() -> None:
     bare = re.findall(r"(?:^|&&|;)\s*sudo (?:-u \S+ )?edge-runtime\b.*", commands, re.M)
     assert not bare, f"not on sudo's PATH: {bare}"
     assert "sudo /opt/edge-runtime/venv/bin/edge-runtime config check" in README
+
+
+def test_the_events_table_lists_every_event_kind_once() -> None:
+    section = README[README.index("### Events"):]
+    section = section[:section.index("\n#", 1)] if "\n#" in section[1:] else section
+    rows = re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section, re.M)
+    kinds = [kind for kind, _ in rows]
+    assert len(kinds) == len(set(kinds)), f"README events table lists a kind twice: {sorted(kinds)}"
+    assert set(kinds) == EVENT_KINDS, (f"README events table: missing {sorted(EVENT_KINDS - set(kinds))}, "
+                                       f"not kinds {sorted(set(kinds) - EVENT_KINDS)}")
+    assert all(text.strip() for _, text in rows)
