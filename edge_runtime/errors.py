@@ -183,7 +183,10 @@ class GateError(EdgeRuntimeError):
 
 
 class CacheError(EdgeRuntimeError):
-    """A model cache operation is refused or the cache state is invalid."""
+    """A model cache operation is refused or the cache state is invalid (corrupt, unwritable).
+
+    Never "that model is not served or loaded here": that is a :class:`ServingError`.
+    """
 
 
 class ServingError(EdgeRuntimeError):

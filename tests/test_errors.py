@@ -60,6 +60,17 @@ def test_config_error_keeps_key_and_problem_and_words_them_for_each_noun() -> No
     assert caught.value.worded("argument").startswith("argument 'api.max_concurrency': must be between")
 
 
+def test_checks_across_keys_name_their_key_as_a_field() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(Config, {"mqtt": {"signed_commands": True}})
+    assert caught.value.key == "mqtt.operator_keys_dir"
+    assert str(caught.value) == "config key 'mqtt.operator_keys_dir' is required when mqtt.signed_commands is true"
+    with pytest.raises(ConfigError) as caught:
+        build(Config, {"pipelines": [{"model": "m", "source": {"type": "folder"}}]})
+    assert caught.value.key == "pipelines[0].source.path"
+    assert str(caught.value) == "config key 'pipelines[0].source.path' is required for type 'folder'"
+
+
 def test_a_config_error_without_a_key_is_its_problem_whatever_the_noun() -> None:
     e = ConfigError("config.toml: not UTF-8")
     assert e.key is None and str(e) == e.worded("argument") == "config.toml: not UTF-8"
