@@ -24,14 +24,21 @@ so callers only ever catch this tree::
     │   └── InferenceError       runtime failed while running
     ├── GateError                golden cases / latency / probation failed
     ├── CacheError               model cache state is invalid or an op is refused
+    ├── ServingError             a request names a model this process cannot serve now
+    │   ├── ModelNotServedError  no such model is served here (HTTP 404)
+    │   └── ModelNotLoadedError  served here, but no version is loaded yet (HTTP 503)
     ├── FetchError               download failed (timeout, cap, HTTP status)
     ├── CommandError             fleet command refused or malformed
     └── LinkError                MQTT link failed (TLS, auth, connect)
 
-Each message is meant to be shown to a user as one line.
+Each message is meant to be shown to a user as one line. Errors carry the
+facts as fields (:attr:`ConfigError.key`, :attr:`ServingError.model`) so that a
+boundary words its own message or maps the error by type, never by its text.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 __all__ = [
     "BackendUnavailableError",
@@ -51,7 +58,10 @@ __all__ = [
     "ManifestError",
     "ModelError",
     "ModelLoadError",
+    "ModelNotLoadedError",
+    "ModelNotServedError",
     "RollbackError",
+    "ServingError",
     "SignatureError",
     "SignatureMismatchError",
     "SizeLimitError",
@@ -67,8 +77,45 @@ class EdgeRuntimeError(Exception):
         return " ".join(str(self).split()) or type(self).__name__
 
 
+_ConfigForm = Literal["says", "unknown", "check"]
+
+
 class ConfigError(EdgeRuntimeError):
-    """A config file or value is invalid; the message names the key."""
+    """A config file or value is invalid; the message names the key.
+
+    ``problem`` is what is wrong; ``key`` the dotted key it is about (None when the
+    error is about a whole file or several keys). The same strict checks also judge
+    command arguments and runtime settings, so :meth:`worded` says it for another noun
+    ("argument 'args.x' must be an integer") instead of callers patching the text.
+    ``form`` is how the key and the problem join: ``"says"`` ("config key 'k' is
+    required"), ``"unknown"`` ("unknown config key 'k'", problem unused) or
+    ``"check"`` for a validator's verdict ("config key 'k': must be between ...").
+    """
+
+    def __init__(self, problem: str, *, key: str | None = None, form: _ConfigForm = "says") -> None:
+        self.problem = problem
+        self.key = key
+        self.form: _ConfigForm = form
+        super().__init__(self._text("config key"))
+
+    @classmethod
+    def unknown_key(cls, key: str) -> ConfigError:
+        """``unknown config key 'key'``: a key the schema does not have."""
+        return cls("", key=key, form="unknown")
+
+    def worded(self, noun: str = "config key") -> str:
+        """The message as one line (like :meth:`one_line`), the key called ``noun``
+        ("config key", "argument", "setting")."""
+        return " ".join(self._text(noun).split()) or type(self).__name__
+
+    def _text(self, noun: str) -> str:
+        if self.key is None:
+            return self.problem
+        if self.form == "unknown":
+            return f"unknown {noun} {self.key!r}"
+        if self.form == "check":
+            return f"{noun} {self.key!r}: {self.problem}"
+        return f"{noun} {self.key!r} {self.problem}"
 
 
 class InputError(EdgeRuntimeError):
@@ -136,7 +183,37 @@ class GateError(EdgeRuntimeError):
 
 
 class CacheError(EdgeRuntimeError):
-    """A model cache operation is refused or the cache state is invalid."""
+    """A model cache operation is refused or the cache state is invalid (corrupt, unwritable).
+
+    Never "that model is not served or loaded here": that is a :class:`ServingError`.
+    """
+
+
+class ServingError(EdgeRuntimeError):
+    """A request names a model this process cannot serve now; ``model`` is its name.
+
+    Not a :class:`CacheError`: nothing is wrong with the cache. Boundaries map the
+    subtypes by type (the API: 404 vs 503; a pipeline waits for the model).
+    """
+
+    def __init__(self, message: str, *, model: str) -> None:
+        self.model = model
+        super().__init__(message)
+
+
+class ModelNotServedError(ServingError):
+    """No model of that name is served here (HTTP 404); ``serving`` lists the names that are."""
+
+    def __init__(self, model: str, serving: tuple[str, ...]) -> None:
+        self.serving = serving
+        super().__init__(f"model {model!r} is not served here (serving: {', '.join(serving)})", model=model)
+
+
+class ModelNotLoadedError(ServingError):
+    """The model is served here but no version is loaded yet, or any more (HTTP 503, retry later)."""
+
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(message or f"model {model!r} is not loaded", model=model)
 
 
 class FetchError(EdgeRuntimeError):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from edge_runtime._util.progress import Clock, RestartBudget
 from edge_runtime.config.liveness import LivenessConfig
-from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.events import EventBus, EventKind
 from edge_runtime.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Liveness"]
 
 _log = logging.getLogger(__name__)
+_STALLED: dict[str, EventKind] = {"source": "source_stalled", "worker": "worker_stalled"}  # Pipeline.stalled() parts
 
 
 class Liveness:
@@ -110,7 +111,7 @@ class Liveness:
         self._stalled[pipeline.name] = (part, problem)
         self.metrics.stall(pipeline.name)
         _log.error("%s; not restarting it: %s", stuck, why_not)
-        self.events.emit(f"{part}_stalled", model=pipeline.model, reason=problem, pipeline=pipeline.name,
+        self.events.emit(_STALLED[part], model=pipeline.model, reason=problem, pipeline=pipeline.name,
                          source=pipeline.source.label, stalled_s=round(age, 3), action="gave_up",
                          restarts=pipeline.restarts)
         return problem

@@ -421,8 +421,8 @@ SURFACE = {
     "commands.auth": {"SIGNED_VERBS", "CommandAuth", "NonceStore", "is_signed_envelope", "new_command",
                      "sign_command"},
     "commands.ledger": {"Claim", "CommandLedger"},
-    "commands.handlers": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher", "Handler",
-                 "Reply", "pinned_version"},
+    "commands.handlers": {"CLOCK_FLOOR", "MODEL_VERBS", "SIGNED_VERBS", "Command", "DeviceCommands", "Dispatcher",
+                          "Handler", "Reply", "pinned_version"},
     "commands.runtime_settings": {"LOG_LEVELS", "RuntimeSettings"},
 }
 

@@ -15,6 +15,7 @@ from edge_runtime.cli.bundle_cmd import SpecFile
 from edge_runtime.config.model import Config, PipelineConfig, SourceConfig
 from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.errors import ConfigError
+from edge_runtime.telemetry.events import EVENT_KINDS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -134,3 +135,14 @@ def test_architecture_names_only_modules_that_exist() -> None:
     missing = sorted(n for n in named if not ((root / "edge_runtime" / n).exists() or (root / n).exists()))
     assert len(named) > 30 and not missing, f"ARCHITECTURE.md names what is not in the repo: {missing}"
     assert "ARCHITECTURE.md" in README
+
+
+def test_the_events_table_lists_every_event_kind_once() -> None:
+    section = README[README.index("### Events"):]
+    section = section[:section.index("\n#", 1)] if "\n#" in section[1:] else section
+    rows = re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section, re.M)
+    kinds = [kind for kind, _ in rows]
+    assert len(kinds) == len(set(kinds)), f"README events table lists a kind twice: {sorted(kinds)}"
+    assert set(kinds) == EVENT_KINDS, (f"README events table: missing {sorted(EVENT_KINDS - set(kinds))}, "
+                                       f"not kinds {sorted(set(kinds) - EVENT_KINDS)}")
+    assert all(text.strip() for _, text in rows)

@@ -32,7 +32,15 @@ from numpy.typing import NDArray
 
 from edge_runtime._util.strict_text import load_json
 from edge_runtime.config.model import Limits
-from edge_runtime.errors import BusyError, CacheError, EdgeRuntimeError, InferenceError, InputError, ModelError
+from edge_runtime.errors import (
+    BusyError,
+    EdgeRuntimeError,
+    InferenceError,
+    InputError,
+    ModelError,
+    ModelNotLoadedError,
+    ModelNotServedError,
+)
 from edge_runtime.runtime.backends.base import TensorInfo
 from edge_runtime.runtime.loaded_model import LoadedModel, Prediction
 from edge_runtime.runtime.oip_types import DATATYPES, datatype_of, oip_name
@@ -312,11 +320,14 @@ def encode_error(message: str) -> bytes:
 
 
 def status_of(error: EdgeRuntimeError) -> int:
-    """The HTTP status for an error of the tree: the caller's fault 4xx, ours 5xx."""
+    """The HTTP status for an error of the tree, by its type: the caller's fault 4xx, ours 5xx
+    (a corrupt cache, :class:`~edge_runtime.errors.CacheError`, is ours: 500)."""
     if isinstance(error, InputError):
         return 400
-    if isinstance(error, CacheError):
+    if isinstance(error, ModelNotServedError):
         return 404  # no such model here
+    if isinstance(error, ModelNotLoadedError):
+        return 503  # not loaded yet, or the daemon is stopping: Retry-After
     if isinstance(error, BusyError):
         return 503  # the decode budget is full: Retry-After
     if isinstance(error, ModelError) and not isinstance(error, InferenceError):

@@ -33,7 +33,7 @@ from edge_runtime.api.codec import (
     status_of,
 )
 from edge_runtime.config.model import ApiConfig
-from edge_runtime.errors import CacheError, EdgeRuntimeError, InputError
+from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotLoadedError
 from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.preprocess import is_npy
 from edge_runtime.runtime.service import InferenceService
@@ -267,9 +267,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _serving(self, name: str, version: str | None) -> LoadedModel:
         """The model serving ``name`` (404: unknown name or another version; 503: not loaded yet)."""
-        model = self.context.service.slot(name).model  # CacheError (404) for an unknown name
+        model = self.context.service.slot(name).model  # ModelNotServedError (404) for an unknown name
         if model is None:
-            raise _Reply(503, f"model {name!r} is not loaded yet", headers=_RETRY)
+            raise ModelNotLoadedError(name, f"model {name!r} is not loaded yet")
         if version is not None and version != str(model.version):
             raise _Reply(404, f"model {name!r} serves version {model.version}, not {version}")
         return model
@@ -285,18 +285,16 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             binary = _HEADER_LENGTH in self.headers
             content_type = self.headers.get_content_type()
-            try:
-                if not binary and (content_type in _IMAGE_TYPES or (content_type in _NPY_TYPES and is_npy(body))):
-                    served, prediction = self.context.service.predict_bytes(name, body)
-                    _check_version(name, version, served)
-                    response: tuple[bytes, str, dict[str, str]] = (encode_prediction(name, served, prediction),
-                                                                   _JSON, {})
-                else:
-                    if content_type in _NPY_TYPES and not binary:
-                        raise InputError(f"a {content_type} body must be a .npy tensor, or carry {_HEADER_LENGTH}")
-                    response = self._tensors(name, version, model, body)
-            except CacheError as e:  # the slot was emptied (daemon stopping) after _serving looked
-                raise _Reply(503, e.one_line(), headers=_RETRY) from None
+            # A slot emptied after _serving looked (daemon stopping) raises ModelNotLoadedError: 503.
+            if not binary and (content_type in _IMAGE_TYPES or (content_type in _NPY_TYPES and is_npy(body))):
+                served, prediction = self.context.service.predict_bytes(name, body)
+                _check_version(name, version, served)
+                response: tuple[bytes, str, dict[str, str]] = (encode_prediction(name, served, prediction),
+                                                               _JSON, {})
+            else:
+                if content_type in _NPY_TYPES and not binary:
+                    raise InputError(f"a {content_type} body must be a .npy tensor, or carry {_HEADER_LENGTH}")
+                response = self._tensors(name, version, model, body)
         finally:
             self.context.inference_slots.release()
         # Written once the slot is free: a client that sends its next request the moment this

@@ -162,8 +162,7 @@ def _args(cls: type[T], command: Command) -> T:
     try:
         return build(cls, command.args, where="args")
     except ConfigError as e:
-        # typed_toml names a "config key"; here the same checks are about a command argument.
-        raise CommandError(e.one_line().replace("config key", "argument")) from e
+        raise CommandError(e.worded("argument")) from e  # the config file's checks, about an argument
 
 
 class DeviceCommands:

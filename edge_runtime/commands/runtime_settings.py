@@ -99,6 +99,5 @@ def _check_setting(key: str, value: object) -> bool | float | str:
     try:
         checked: bool | float | str = getattr(build(cls, {attr: value}, where=key.split(".")[0]), attr)
     except ConfigError as e:
-        # typed_toml words its errors for the config file; the checks are the same here.
-        raise CommandError(e.one_line().replace("config key", "setting")) from e
+        raise CommandError(e.worded("setting")) from e  # the config file's checks, about a setting
     return checked

@@ -266,20 +266,19 @@ class Config:
         for i, p in enumerate(self.pipelines):
             src = p.source
             if src.type in ("folder", "video") and src.path is None:
-                raise ConfigError(f"config key 'pipelines[{i}].source.path' is required for type {src.type!r}")
+                raise ConfigError(f"is required for type {src.type!r}", key=f"pipelines[{i}].source.path")
             if src.type == "rtsp" and not src.url:
-                raise ConfigError(f"config key 'pipelines[{i}].source.url' is required for type 'rtsp'")
+                raise ConfigError("is required for type 'rtsp'", key=f"pipelines[{i}].source.url")
             if src.type == "mqtt" and not self.mqtt.enabled:
-                raise ConfigError(f"config key 'pipelines[{i}].source.type' is 'mqtt' but mqtt.enabled is false")
+                raise ConfigError("is 'mqtt' but mqtt.enabled is false", key=f"pipelines[{i}].source.type")
         if self.mqtt.signed_commands and self.mqtt.operator_keys_dir is None:
-            raise ConfigError("config key 'mqtt.operator_keys_dir' is required when mqtt.signed_commands is true")
+            raise ConfigError("is required when mqtt.signed_commands is true", key="mqtt.operator_keys_dir")
         if not self.mqtt.tls and any(f is not None for f in (self.mqtt.ca_file, self.mqtt.cert_file,
                                                                self.mqtt.key_file)):
             raise ConfigError("config keys 'mqtt.ca_file'/'cert_file'/'key_file' need mqtt.tls = true")
         if self.mqtt.session_expiry_seconds > self.mqtt.command_id_window_seconds:
             # A command the broker redelivers after a reconnect must still be known to have run.
-            raise ConfigError("config key 'mqtt.session_expiry_seconds' must not exceed "
-                              "mqtt.command_id_window_seconds")
+            raise ConfigError("must not exceed mqtt.command_id_window_seconds", key="mqtt.session_expiry_seconds")
         if (self.mqtt.cert_file is None) != (self.mqtt.key_file is None):
             raise ConfigError("config keys 'mqtt.cert_file' and 'mqtt.key_file' must be set together (mTLS)")
 

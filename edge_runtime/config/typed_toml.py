@@ -77,18 +77,18 @@ def build(cls: type[T], table: Mapping[str, Any], where: str = "", base: Path | 
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in table:
         if key not in fields:
-            raise ConfigError(f"unknown config key {_join(where, key)!r}")
+            raise ConfigError.unknown_key(_join(where, key))
     kwargs: dict[str, Any] = {}
     for name, fld in fields.items():
         key = _join(where, name)
         if name not in table:
             if fld.default is _MISSING and fld.default_factory is _MISSING:
-                raise ConfigError(f"config key {key!r} is required")
+                raise ConfigError("is required", key=key)
             continue
         value = _convert(hints[name], table[name], key, base)
         check: Callable[[Any], str] | None = fld.metadata.get("check")
         if check is not None and (problem := check(value)):
-            raise ConfigError(f"config key {key!r}: {problem}")
+            raise ConfigError(problem, key=key, form="check")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -105,29 +105,29 @@ def _convert(tp: Any, value: Any, key: str, base: Path | None) -> Any:
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list")
+            raise ConfigError("must be a list", key=key)
         return tuple(_convert(item_tp, v, f"{key}[{i}]", base) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, base)  # type: ignore[arg-type]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} must be true or false")
+            raise ConfigError("must be true or false", key=key)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} must be an integer")
+            raise ConfigError("must be an integer", key=key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} must be a number")
+            raise ConfigError("must be a number", key=key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r} must be a string")
+            raise ConfigError("must be a string", key=key)
         return value
     if tp is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"config key {key!r} must be a non-empty path string")
+            raise ConfigError("must be a non-empty path string", key=key)
         path = Path(value).expanduser()
         return path if path.is_absolute() or base is None else base / path
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # programming error

@@ -51,7 +51,7 @@ def check_tls_config(config: MqttConfig) -> None:
     if not config.tls:
         for key in ("ca_file", "cert_file", "key_file"):
             if getattr(config, key) is not None:
-                raise ConfigError(f"config key 'mqtt.{key}' is set but mqtt.tls is false (refusing plaintext)")
+                raise ConfigError("is set but mqtt.tls is false (refusing plaintext)", key=f"mqtt.{key}")
 
 
 def build_ssl_context(config: MqttConfig) -> ssl.SSLContext:
@@ -97,7 +97,7 @@ def read_password(config: MqttConfig, credentials_dir: str | None) -> Secret | N
     else:
         name = config.password_credential
         if not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"config key 'mqtt.password_credential' must be a plain file name, got {name!r}")
+            raise ConfigError(f"must be a plain file name, got {name!r}", key="mqtt.password_credential")
         directory = credentials_dir if credentials_dir is not None else os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             return None

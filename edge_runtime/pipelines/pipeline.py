@@ -33,7 +33,7 @@ from typing import Any
 
 from edge_runtime._util.progress import BEAT_SECONDS, Heartbeat
 from edge_runtime.config.model import PipelineConfig
-from edge_runtime.errors import BusyError, CacheError, EdgeRuntimeError, InputError
+from edge_runtime.errors import BusyError, EdgeRuntimeError, InputError, ServingError
 from edge_runtime.pipelines.item_queue import ItemQueue
 from edge_runtime.pipelines.sources.base import Item, Source
 from edge_runtime.runtime.service import InferenceService
@@ -283,7 +283,7 @@ class Pipeline:
                     continue
                 self._inference_failed(key, e.one_line())
                 return
-            except CacheError as e:
+            except ServingError as e:  # not served or not loaded (yet): not the item's fault
                 if self._wait_for_model(e):
                     continue  # a lossless item waits for the model instead of being lost
                 if self.source.lossy:
@@ -348,7 +348,7 @@ class Pipeline:
         # Acked with the error: a file that crashes the model would otherwise crash it after every restart.
         self.source.ack(key, reason)
 
-    def _wait_for_model(self, error: CacheError) -> bool:
+    def _wait_for_model(self, error: ServingError) -> bool:
         """Report once per outage; for a lossless source wait a little: True to retry the item."""
         if not self._model_missing:
             self._model_missing = True

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from numpy.typing import NDArray
 
-from edge_runtime.errors import CacheError, EdgeRuntimeError, InputError, ModelError
+from edge_runtime.errors import EdgeRuntimeError, InputError, ModelError, ModelNotServedError
 from edge_runtime.runtime.loaded_model import LoadedModel, Prediction
 from edge_runtime.runtime.slot import ModelSlot
 from edge_runtime.telemetry.metrics import Metrics
@@ -73,11 +73,11 @@ class InferenceService:
         """The slot serving ``name``.
 
         Raises:
-            CacheError: no such model is served here.
+            ModelNotServedError: no such model is served here.
         """
         slot = self.slots.get(name)
         if slot is None:
-            raise CacheError(f"model {name!r} is not served here (serving: {', '.join(sorted(self.slots))})")
+            raise ModelNotServedError(name, tuple(sorted(self.slots)))
         return slot
 
     def predict_bytes(self, name: str, data: bytes) -> tuple[int, Prediction]:

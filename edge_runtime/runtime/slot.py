@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from edge_runtime.errors import CacheError
+from edge_runtime.errors import ModelNotLoadedError
 from edge_runtime.runtime.loaded_model import LoadedModel
 
 __all__ = ["ModelSlot"]
@@ -50,12 +50,12 @@ class ModelSlot:
         """Borrow the serving model for one request.
 
         Raises:
-            CacheError: no version of this model is loaded yet.
+            ModelNotLoadedError: no version of this model is loaded yet (or any more).
         """
         with self._cond:
             lease = self._current
             if lease is None:
-                raise CacheError(f"model {self.name!r} is not loaded")
+                raise ModelNotLoadedError(self.name)
             lease.in_flight += 1
         try:
             yield lease.model

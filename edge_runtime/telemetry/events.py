@@ -4,6 +4,10 @@ Every event is a flat JSON-ready dict with ``kind``, ``ts`` (Unix seconds),
 ``model``, ``version`` and a human ``reason``. The bus also appends each event
 to ``events.jsonl`` in the state dir (0600, rotated at 1 MiB) so what happened
 across restarts can be read back with nothing else running.
+
+The kinds are a public contract (MQTT ``events`` topic, ``events.jsonl``): every
+kind the package emits is in :data:`EventKind`, which mypy checks at each
+``emit`` call, and the README's "Events" table lists each one.
 """
 
 from __future__ import annotations
@@ -15,9 +19,28 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["EventBus", "Subscriber", "read_events"]
+__all__ = ["EVENT_KINDS", "EventBus", "EventKind", "Subscriber", "read_events"]
+
+EventKind = Literal[
+    # the daemon
+    "started", "stopped", "recovered", "state_recovered",
+    # updates (OTA) and activation
+    "update_available", "update_installed", "update_failed", "gate_failed", "activated", "activation_failed",
+    "probation_started", "committed", "rolled_back", "rollback_failed", "load_failed", "reloaded",
+    # operator commands
+    "operator_rollback", "pinned", "unpinned", "messages_dropped",
+    # pipelines and their sources
+    "pipeline_failed", "source_error", "source_failed", "source_recovered", "source_ended", "source_state_reset",
+    "inference_error", "inference_recovered", "model_unavailable", "model_available",
+    # liveness
+    "source_stalled", "worker_stalled", "stall_cleared",
+]
+"""Every event kind edge-runtime emits; a new kind goes here and in the README's "Events" table."""
+
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+"""The kinds of :data:`EventKind` as strings, for code that reads events back."""
 
 Subscriber = Callable[[dict[str, Any]], None]
 _ROTATE_BYTES = 1 << 20
@@ -44,7 +67,7 @@ class EventBus:
             if fn in self._subscribers:
                 self._subscribers.remove(fn)
 
-    def emit(self, kind: str, *, model: str = "", version: int | None = None, reason: str = "",
+    def emit(self, kind: EventKind, *, model: str = "", version: int | None = None, reason: str = "",
              **data: Any) -> dict[str, Any]:
         """Publish one event and return it."""
         event: dict[str, Any] = {"kind": kind, "ts": round(self._clock(), 3), "model": model,

@@ -31,7 +31,7 @@ from edge_runtime.errors import CacheError, EdgeRuntimeError
 from edge_runtime.runtime.gates import GateReport, sample_feeds
 from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.service import InferenceService
-from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.events import EventBus, EventKind
 from edge_runtime.update.store import ModelStore
 
 __all__ = ["Activator"]
@@ -184,7 +184,7 @@ class Activator:
         return changed
 
     def rollback(self, name: str, version: int | None = None, *, reason: str = "operator rollback",
-                 kind: str | None = "operator_rollback") -> int:
+                 kind: EventKind | None = "operator_rollback") -> int:
         """Serve ``version`` (default: the previous one) now, ending any probation: an operator's choice.
 
         Emits ``kind`` (``version``, ``previous``; no ``failed_version``: nothing
