@@ -35,7 +35,7 @@ from typing import Any
 from edge_runtime._util.progress import BEAT_SECONDS, Heartbeat
 from edge_runtime.config.model import PipelineConfig
 from edge_runtime.errors import BusyError, CacheError, EdgeRuntimeError, InputError
-from edge_runtime.pipelines.sources import Item, Source
+from edge_runtime.pipelines.sources.base import Item, Source
 from edge_runtime.runtime.service import InferenceService
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.telemetry.metrics import Metrics

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from edge_runtime._util.retry_policy import equal_jitter, redact_url
 from edge_runtime.config.model import SourceConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.pipelines.sources import Item, Source, SourceContext
+from edge_runtime.pipelines.sources.base import Item, Source, SourceContext
 
 __all__ = ["BACKOFF_BASE_SECONDS", "Capture", "CaptureFactory", "CaptureSource", "backoff_delay", "open_capture"]
 

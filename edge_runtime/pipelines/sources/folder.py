@@ -35,7 +35,7 @@ from pathlib import Path
 from edge_runtime._util.fsutil import CLOEXEC, NOFOLLOW, make_private_dir
 from edge_runtime.config.model import Limits, SourceConfig
 from edge_runtime.errors import ConfigError, InputError
-from edge_runtime.pipelines.sources import Item, Source, SourceContext
+from edge_runtime.pipelines.sources.base import Item, Source, SourceContext
 
 __all__ = ["DEFAULT_EXTENSIONS", "FolderSource", "state_db_path"]
 

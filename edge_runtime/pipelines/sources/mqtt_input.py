@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from edge_runtime.pipelines.sources import Item, Source, SourceContext
+from edge_runtime.pipelines.sources.base import Item, Source, SourceContext
 
 __all__ = ["REFUSAL_ANSWERS_PER_SECOND", "Answer", "InputMessage", "MqttInputSource", "Subscribe"]
 
