@@ -1,6 +1,5 @@
 """Fleet commands: the dispatcher (parse, authenticate, run once, reply).
 
-
 :class:`Dispatcher` turns one ``(verb, payload)`` into one :class:`Reply` and
 never raises. Per command: parse and bound the payload
 (:mod:`edge_runtime.commands.parse`); verify a signed envelope, or refuse an
