@@ -45,8 +45,9 @@ _log = logging.getLogger(__name__)
 class Component(Protocol):
     """A part started after the pipelines and stopped before them (OTA poller, MQTT bridge).
 
-    ``alive`` is judged every supervisor tick: False when one of its threads
-    died or is stuck past its own bound; then the watchdog is withheld.
+    ``alive`` is judged every supervisor tick while the daemon runs: False when
+    one of its threads died or is stuck past its own bound; then the watchdog
+    is withheld.
     """
 
     def start(self) -> None:
@@ -59,7 +60,7 @@ class Component(Protocol):
 
     @property
     def alive(self) -> bool:
-        """Its threads run and make progress (True before start and once stopping)."""
+        """Its threads run and make progress."""
         ...
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from edge_runtime.commands.bridge import MqttBridge
+from edge_runtime.commands.bridge import TELEMETRY_STUCK_SECONDS, MqttBridge
 from edge_runtime.commands.dispatch import Dispatcher
 from edge_runtime.commands.ledger import CommandLedger
 from edge_runtime.commands.parse import Command, Reply
@@ -245,3 +245,41 @@ def test_alive_follows_the_link_and_stop_publishes_offline(rig: Rig) -> None:
     assert rig.link.final is not None
     topic, payload = rig.link.final
     assert topic == f"{BASE}/status" and json.loads(payload)["reason"] == "clean shutdown"
+
+
+def test_a_telemetry_tick_stuck_past_its_bound_makes_the_bridge_not_alive(tmp_path: Path) -> None:
+    """The metrics() collaborator hangs (as an fsync on a failing card would): the telemetry thread stops
+    beating, and past its period plus TELEMETRY_STUCK_SECONDS the bridge is not alive; it recovers after."""
+    now = [1000.0]
+    config = Config(state_dir=tmp_path / "state", device_id=DEVICE,
+                    mqtt=MqttConfig(enabled=True, telemetry_seconds=0.05))
+    config.state_dir.mkdir(mode=0o700)
+    hang, entered = threading.Event(), threading.Event()
+    metrics = Metrics()
+
+    def stuck_metrics() -> dict[str, Any]:
+        entered.set()
+        assert hang.wait(10)
+        return metrics.snapshot()
+
+    links: list[FakeLink] = []
+    bridge = MqttBridge(config, device=DEVICE, commands=_NoCommands(), events=EventBus(tmp_path / "e.jsonl"),
+                        settings=RuntimeSettings.from_config(config), versions=dict, metrics=stuck_metrics,
+                        link=lambda cid, will: links.append(FakeLink(cid, will)) or links[-1],
+                        clock=lambda: now[0])
+    bridge.start()
+    try:
+        assert entered.wait(10)
+        assert bridge.alive  # inside a tick, within its bound
+        now[0] += 0.05 + TELEMETRY_STUCK_SECONDS + 1
+        assert not bridge.alive
+        hang.set()
+        wait_for(lambda: bridge.alive)  # the tick ended; the thread beats again
+    finally:
+        hang.set()
+        bridge.stop()
+
+
+class _NoCommands:
+    def handle(self, verb: str, payload: bytes) -> Reply:
+        return Reply(False, "no commands here")

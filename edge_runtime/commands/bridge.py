@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_runtime import __version__
+from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
 from edge_runtime.commands.handlers import MODEL_VERBS
 from edge_runtime.commands.intake import CommandIntake
 from edge_runtime.commands.parse import Reply
@@ -49,6 +50,9 @@ __all__ = ["CommandHandler", "Link", "MqttBridge", "resolve_device_id"]
 
 _log = logging.getLogger(__name__)
 _MACHINE_ID = Path("/etc/machine-id")
+TELEMETRY_STUCK_SECONDS = 120.0
+"""How long one telemetry tick (status check, spool append, an fsync on a failing SD card) may take
+before the bridge counts as stuck: beyond the period, which a fleet ``config`` may change."""
 
 
 def resolve_device_id(config: Config, machine_id: Path = _MACHINE_ID) -> str:
@@ -126,7 +130,8 @@ class MqttBridge:
 
     def __init__(self, config: Config, *, device: str, commands: CommandHandler, events: EventBus,
                  settings: RuntimeSettings, versions: Callable[[], dict[str, int | None]],
-                 metrics: Callable[[], Mapping[str, Any]], link: LinkFactory | None = None) -> None:
+                 metrics: Callable[[], Mapping[str, Any]], link: LinkFactory | None = None,
+                 clock: Clock | None = None) -> None:
         self.mqtt = config.mqtt
         self.device = device
         self.base = f"{self.mqtt.prefix}/{self.device}"
@@ -155,6 +160,7 @@ class MqttBridge:
         self._status_lock = threading.Lock()
         self._status_versions: dict[str, int | None] | None = None  # what the retained status says
         self._connects = 0
+        self.telemetry_progress = Heartbeat(clock) if clock is not None else Heartbeat()
         events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,6 +172,7 @@ class MqttBridge:
         self.link.on_connect(self._on_connect)
         self.link.start()
         self.forwarder.start()
+        self.telemetry_progress.beat()  # the models loaded since __init__: the bound starts now
         workers: list[tuple[Callable[[], None], str]] = [(self._telemetry_loop, "telemetry")]
         workers += [(partial(self._command_loop, lane), name) for name, lane in self._lanes.items()]
         for target, name in workers:
@@ -187,8 +194,14 @@ class MqttBridge:
 
     @property
     def alive(self) -> bool:
-        """The link machinery and our threads are running (systemd watchdog)."""
-        return self.link.alive and all(t.is_alive() for t in self._threads)
+        """The link machinery and our threads run, and the telemetry thread beats (systemd watchdog).
+
+        The telemetry thread counts as stuck once it has not beaten for its period plus
+        :data:`TELEMETRY_STUCK_SECONDS`. False before start and after stop (the threads do not run).
+        """
+        bound = self.settings.get("mqtt.telemetry_seconds") + TELEMETRY_STUCK_SECONDS
+        return (self.link.alive and all(t.is_alive() for t in self._threads)
+                and self.telemetry_progress.age() <= bound)
 
     # ------------------------------------------------------------------ outgoing
 
@@ -249,7 +262,7 @@ class MqttBridge:
                                     reason=f"the spool could not store them: {why}")
 
     def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
+        while not beating_wait(self._stop, self.settings.get("mqtt.telemetry_seconds"), self.telemetry_progress):
             try:
                 self._republish_if_changed()
                 self.publish_telemetry()
