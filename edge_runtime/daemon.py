@@ -19,15 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime._util.fsutil import make_private_dir
 from edge_runtime.api.server import ApiServer
 from edge_runtime.cache.instance_lock import InstanceLock
-from edge_runtime.cache.state_recovery import LOST, recover_state
 from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import Config, PipelineConfig
-from edge_runtime.liveness import Liveness
+from edge_runtime.liveness import Component, Liveness
 from edge_runtime.pipelines.pipeline import Pipeline, SourceFactory
 from edge_runtime.pipelines.sources.base import MqttInputs, Source
 from edge_runtime.pipelines.sources.factory import build_source
@@ -37,23 +36,18 @@ from edge_runtime.telemetry.metrics import Metrics
 from edge_runtime.telemetry.sdnotify import Notifier
 from edge_runtime.update.activation import Activator
 from edge_runtime.update.ota import OtaUpdater
+from edge_runtime.update.state_recovery import LOST, recover_state
 from edge_runtime.update.store import ModelStore
 
 if TYPE_CHECKING:
     from edge_runtime.commands.bridge import MqttBridge
+    from edge_runtime.commands.dispatch import Dispatcher
+    from edge_runtime.commands.ledger import CommandLedger
 
 __all__ = ["Component", "Daemon", "print_result"]
 
 _log = logging.getLogger(__name__)
 ResultSink = Callable[[dict[str, Any]], None]
-
-
-class Component(Protocol):
-    """A part started after the pipelines and stopped before them (OTA poller, MQTT link)."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -84,10 +78,14 @@ class Daemon:
                               poll_seconds=lambda: self.settings.get("ota.poll_seconds"))
         # Created before start so that every event from the first one on reaches the spool.
         self.mqtt: MqttBridge | None = None
+        self._ledger: CommandLedger | None = None
         if config.mqtt.enabled:
-            from edge_runtime.commands.bridge import MqttBridge  # paho and the command code load only when used
+            # paho and the command code load only when used
+            from edge_runtime.commands.bridge import MqttBridge, resolve_device_id
 
-            self.mqtt = MqttBridge(self)
+            device = resolve_device_id(config)
+            self.mqtt = MqttBridge(config, device=device, commands=self._build_commands(device), events=self.events,
+                                   settings=self.settings, versions=self.versions, metrics=self.metrics.snapshot)
         self.api: ApiServer | None = None
         self.pipelines: list[Pipeline] = []
         self.components: list[Component] = []
@@ -171,7 +169,47 @@ class Daemon:
             _guarded("stopping the API", self.api.stop)
         for slot in self.service.slots.values():
             slot.close()
+        if self._ledger is not None:
+            _guarded("closing the command ledger", self._ledger.close)
         self._instance.release()
+
+    # ------------------------------------------------------------------ fleet commands
+
+    def _build_commands(self, device: str) -> Dispatcher:
+        """The fleet command dispatcher over this daemon's parts (its ledger closes at :meth:`stop`)."""
+        from edge_runtime.bundle.signing import load_trusted_keys
+        from edge_runtime.commands.auth import SIGNED_VERBS, CommandAuth
+        from edge_runtime.commands.dispatch import Dispatcher
+        from edge_runtime.commands.handlers import DeviceCommands
+        from edge_runtime.commands.ledger import CommandLedger
+
+        mqtt = self.config.mqtt
+        ledger = self._ledger = CommandLedger(self.config.state_dir / "commands.db", mqtt.command_id_window_seconds)
+        auth = None
+        if mqtt.signed_commands and mqtt.operator_keys_dir is not None:
+            auth = CommandAuth(load_trusted_keys(mqtt.operator_keys_dir),
+                               max_age_seconds=mqtt.command_max_age_seconds, nonce_store=ledger,
+                               max_bytes=mqtt.max_command_bytes, max_depth=mqtt.max_json_depth)
+        handlers = DeviceCommands(self.activator, self.ota, self.store, self.settings, self.status).handlers()
+        return Dispatcher(handlers, ledger=ledger, auth=auth, signed_verbs=SIGNED_VERBS if auth else (),
+                          max_bytes=mqtt.max_command_bytes, max_depth=mqtt.max_json_depth,
+                          device=device, groups=mqtt.groups, max_age_seconds=mqtt.unsigned_command_max_age_seconds)
+
+    def versions(self) -> dict[str, int | None]:
+        """The version each model serves now (None: none loaded), by name."""
+        return {name: slot.version for name, slot in sorted(self.service.slots.items())}
+
+    def status(self) -> dict[str, Any]:
+        """The fleet `status` command's answer: the MQTT bridge's part, then what serves and how."""
+        bridge = self.mqtt.status() if self.mqtt is not None else {"versions": self.versions()}
+        return {
+            **bridge,
+            "probation": {n: self.activator.on_probation(n) for n in self.service.slots
+                          if self.activator.on_probation(n)},
+            "pinned": {m.name: m.pinned for m in self.store.cache.list_models() if m.pinned is not None},
+            "ready": self.service.ready,
+            "uptime_s": round(self.metrics.snapshot()["uptime_s"], 1),
+        }
 
     def _source_factory(self, pipe_cfg: PipelineConfig, inputs: MqttInputs | None) -> SourceFactory:
         """Builds ``pipe_cfg``'s source, each with its own stop event (also to replace a stalled one)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from edge_runtime._util.progress import Clock, RestartBudget
 from edge_runtime.config.liveness import LivenessConfig
@@ -37,10 +37,32 @@ if TYPE_CHECKING:
     from edge_runtime.api.server import ApiServer
     from edge_runtime.pipelines.pipeline import Pipeline
 
-__all__ = ["Liveness"]
+__all__ = ["Component", "Liveness"]
 
 _log = logging.getLogger(__name__)
 _STALLED: dict[str, EventKind] = {"source": "source_stalled", "worker": "worker_stalled"}  # Pipeline.stalled() parts
+
+
+class Component(Protocol):
+    """A part started after the pipelines and stopped before them (OTA poller, MQTT bridge).
+
+    ``alive`` is judged every supervisor tick while the daemon runs: False when
+    one of its threads died or is stuck past its own bound; then the watchdog
+    is withheld.
+    """
+
+    def start(self) -> None:
+        """Start its threads. Raises EdgeRuntimeError/OSError if it cannot start."""
+        ...
+
+    def stop(self) -> None:
+        """Stop its threads (safe to call twice)."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """Its threads run and make progress."""
+        ...
 
 
 class Liveness:
@@ -62,7 +84,7 @@ class Liveness:
         self.problem = ""
         """Why the watchdog is withheld now ("" while every part makes progress)."""
 
-    def check(self, pipelines: Sequence[Pipeline], api: ApiServer | None, components: Sequence[object]) -> str:
+    def check(self, pipelines: Sequence[Pipeline], api: ApiServer | None, components: Sequence[Component]) -> str:
         """One tick: report and restart stalled sources; return (and keep in :attr:`problem`) what cannot recover."""
         bound = self.config.stall_seconds
         problems: list[str] = []
@@ -88,7 +110,7 @@ class Liveness:
                 problems.append(self._api_stalled)
             else:
                 self._api_stalled = ""
-        problems += [f"{type(c).__name__} is not alive" for c in components if not getattr(c, "alive", True)]
+        problems += [f"{type(c).__name__} is not alive" for c in components if not c.alive]
         self.problem = "; ".join(problems)
         return self.problem
 

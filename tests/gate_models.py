@@ -15,7 +15,7 @@ from cli_helpers import FACE_SPEC, bare_face_outputs, face_tensor
 from edge_runtime.bundle.manifest import Postprocess, TensorSpec
 from edge_runtime.bundle.signing import load_private_key
 from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle
-from edge_runtime.cli.bundle_cmd import SpecFile
+from edge_runtime.cli.pack_spec import SpecFile
 from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import BackendOptions

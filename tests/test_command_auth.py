@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_trusted_keys, sign_document
 from edge_runtime.commands.auth import SIGNED_VERBS, CommandAuth, new_command, sign_command
-from edge_runtime.commands.handlers import Dispatcher
+from edge_runtime.commands.dispatch import Dispatcher
 from edge_runtime.commands.ledger import CommandLedger
 from edge_runtime.commands.parse import Command, Reply
 from edge_runtime.errors import CommandError

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from test_mqtt_daemon import DEVICE, TOP, Operator, Watcher, _try, mqtt_config
 
 from edge_runtime._util.log_limit import RepeatFilter
-from edge_runtime.commands.handlers import CLOCK_FLOOR, Dispatcher
+from edge_runtime.commands.dispatch import CLOCK_FLOOR, Dispatcher
 from edge_runtime.commands.ledger import CommandLedger
 from edge_runtime.commands.parse import Command, Reply
 

@@ -23,9 +23,19 @@ import numpy as np
 import pytest
 from cli_helpers import Device, cli
 from daemon_helpers import REPO, Serve, wait_for, write_config
+from http_fault_server import FaultServer, Route
 from test_cli import pack_face
 
 from edge_runtime._util.progress import Heartbeat, RestartBudget
+from edge_runtime.config.liveness import LivenessConfig
+from edge_runtime.config.model import Config, OtaConfig
+from edge_runtime.liveness import Liveness
+from edge_runtime.runtime.service import InferenceService
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.telemetry.metrics import Metrics
+from edge_runtime.update.activation import Activator
+from edge_runtime.update.ota import OtaUpdater
+from edge_runtime.update.store import ModelStore
 
 Zoo = Callable[[str], Path]
 Starter = Callable[..., "tuple[Serve, NotifySocket]"]
@@ -301,3 +311,30 @@ def test_restart_budget_allows_n_per_window_and_refills() -> None:
     clock.now += 1.0  # the first restart left the window, the second has not
     assert budget.take() and not budget.take()
     assert not RestartBudget(0, 60.0, clock).take()
+
+
+def test_an_ota_poller_stuck_in_a_fetch_is_not_alive_until_it_moves_again(tmp_path: Path) -> None:
+    """OTA's liveness is its poll thread's heartbeat (no more constant True): a fetch that hangs past
+    stuck_seconds withholds the watchdog, and the verdict clears once the poller moves on."""
+    now = [1000.0]  # the heartbeat's clock; the fetch itself runs on real time against a real server
+    config = Config(state_dir=tmp_path / "state", trust_dir=tmp_path / "trust")
+    config.state_dir.mkdir(mode=0o700)
+    bus, metrics = EventBus(tmp_path / "events.jsonl"), Metrics()
+    store = ModelStore(config)
+    activator = Activator(store, InferenceService(metrics), bus, config.activation)
+    route = Route(body=b"x" * 40, fault="drip", drip_seconds=0.05, drip_headers=True)  # about 3 s for the channel
+    with FaultServer({"/channel.json": route}) as server:
+        ota = OtaUpdater(OtaConfig(channel_url=server.url("/channel.json"), allow_http=True, retries=0,
+                                   poll_seconds=3600), store, activator, bus, clock=lambda: now[0])
+        ota.start()
+        try:
+            wait_for(lambda: server.seen("/channel.json"), what="the first poll")
+            assert ota.alive  # inside a fetch, within its bound
+            now[0] += ota.stuck_seconds + 1
+            assert not ota.alive
+            assert Liveness(LivenessConfig(), bus, metrics).check([], None, [ota]) == "OtaUpdater is not alive"
+            # The dripped document ends and is refused (not a channel): the poller beats and waits again.
+            wait_for(lambda: ota.alive, timeout=20, what="the poller to move on")
+        finally:
+            ota.stop()
+    assert ota.alive  # stopping counts as alive: the supervisor is stopping too

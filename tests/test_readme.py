@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.cli.bundle_cmd import SpecFile
+from edge_runtime.cli.pack_spec import SpecFile
 from edge_runtime.config.model import Config, PipelineConfig, SourceConfig
 from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.errors import ConfigError

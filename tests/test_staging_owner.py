@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import PPOCR_SPEC, REPO, Device, cli, make_device
 
-from edge_runtime.cache.staging_owner import owner_alive, owner_tag, process_start
+from edge_runtime.bundle.staging_owner import owner_alive, owner_tag, process_start
 from edge_runtime.cache.versions import ModelCache
 
 Zoo = Callable[[str], Path]

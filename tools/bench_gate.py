@@ -33,7 +33,7 @@ from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, TensorS
 from edge_runtime.bundle.manifest_parse import parse_manifest  # noqa: E402
 from edge_runtime.bundle.signing import generate_keypair, load_private_key  # noqa: E402
 from edge_runtime.bundle.writer import BundleSpec, GoldenSource, pack_bundle  # noqa: E402
-from edge_runtime.cli.bundle_cmd import SpecFile  # noqa: E402
+from edge_runtime.cli.pack_spec import SpecFile  # noqa: E402
 from edge_runtime.cli.tools_cmd import golden_from_dir  # noqa: E402
 from edge_runtime.config.model import Limits  # noqa: E402
 from edge_runtime.config.typed_toml import build, parse_toml  # noqa: E402

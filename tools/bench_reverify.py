@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime.bundle.manifest import TensorSpec
+from edge_runtime.bundle.reverify import Trust, read_verified_manifest
 from edge_runtime.bundle.signing import generate_keypair, load_private_key, load_trusted_keys
 from edge_runtime.bundle.writer import BundleSpec, pack_bundle
 from edge_runtime.config.model import Config
 from edge_runtime.devtools.model_zoo import fetch
-from edge_runtime.update.reverify import Trust, read_verified_manifest
 from edge_runtime.update.store import ModelStore
 
 PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),

@@ -15,4 +15,5 @@ command -v promtool >/dev/null || { [ "$(id -u)" = 0 ] || SUDO=sudo; ${SUDO:-} a
 python tools/fetch_models.py
 echo "== ruff";   ruff check edge_runtime tools tests
 echo "== mypy";   mypy
+echo "== lint-imports"; lint-imports --no-cache
 echo "== pytest"; python -m pytest -q "$@"

@@ -39,8 +39,8 @@ from edge_runtime.bundle.manifest import Manifest, StagedBundle, validate_member
 from edge_runtime.bundle.manifest_parse import parse_manifest
 from edge_runtime.bundle.onnx_external import check_no_external_data
 from edge_runtime.bundle.signing import verify_threshold
+from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.bundle.tar_stream import MemberKind, TarMember, TarReader
-from edge_runtime.cache.staging_owner import owner_tag
 from edge_runtime.config.model import Limits
 from edge_runtime.errors import (
     BundleError,

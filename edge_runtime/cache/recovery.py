@@ -14,8 +14,8 @@ from pathlib import Path
 
 from edge_runtime._util.fsutil import fsync_dir, remove_tree
 from edge_runtime.bundle.manifest import is_valid_name
+from edge_runtime.bundle.staging_owner import sweep_staging
 from edge_runtime.cache.layout import CacheLayout, cache_errors, read_link
-from edge_runtime.cache.staging_owner import sweep_staging
 from edge_runtime.cache.state import StateStore
 from edge_runtime.errors import CacheError, EdgeRuntimeError
 

@@ -6,7 +6,7 @@ Layout under the state dir (directories 0700, files 0600)::
     models/<name>/active -> <v>   relative symlink, replaced by symlink + rename
     models/<name>/previous -> <v>
     staging/<unique>/             verified bundles waiting to be installed, named by
-                                  their owning process (:mod:`edge_runtime.cache.staging_owner`)
+                                  their owning process (:mod:`edge_runtime.bundle.staging_owner`)
     state.json, state.lock        see :mod:`edge_runtime.cache.state`
 
 Crash safety: every change is one rename (version dir into place, a link swap,
@@ -30,14 +30,14 @@ from pathlib import Path
 from edge_runtime._util.fsutil import fsync_dir, fsync_tree, remove_tree
 from edge_runtime.bundle.manifest import Manifest, StagedBundle
 from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.bundle.reverify import Trust, VerifiedManifest, read_verified_manifest
+from edge_runtime.bundle.staging_owner import sweep_staging
 from edge_runtime.cache.keep_rules import GC_STEPS, collect_old, removable_versions, remove_version
 from edge_runtime.cache.layout import CacheLayout, Fault, cache_errors, check_hashes, check_layout, read_link
 from edge_runtime.cache.model_info import ModelInfo, list_models
 from edge_runtime.cache.recovery import recover_cache
-from edge_runtime.cache.staging_owner import sweep_staging
 from edge_runtime.cache.state import StateStore
 from edge_runtime.errors import CacheError, ConfigError, EdgeRuntimeError, IntegrityError, RollbackError
-from edge_runtime.update.reverify import Trust, VerifiedManifest, read_verified_manifest
 
 __all__ = [
     "ACTIVATE_STEPS",

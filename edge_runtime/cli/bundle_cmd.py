@@ -6,17 +6,17 @@ import argparse
 import dataclasses
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_runtime._util.strict_text import load_json
-from edge_runtime.bundle.manifest import Gates, Manifest, Postprocess, Preprocess, Requires, TensorSpec
+from edge_runtime.bundle.manifest import Manifest, TensorSpec
 from edge_runtime.bundle.reader import inspect_bundle, read_bundle
 from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
 from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
 from edge_runtime.cli.common import Context, emit, verb_parser
-from edge_runtime.config.typed_toml import build, in_range, load_toml
+from edge_runtime.cli.pack_spec import SpecFile, load_spec
+from edge_runtime.cli.tools_cmd import golden_from_dir, golden_parser, write_golden
 from edge_runtime.errors import ConfigError, InputError, ManifestError
 from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import BackendOptions, TensorInfo
@@ -24,47 +24,6 @@ from edge_runtime.runtime.backends.base import BackendOptions, TensorInfo
 __all__ = ["SpecFile", "load_spec", "register"]
 
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
-
-
-@dataclass(frozen=True)
-class SpecFile:
-    """``--spec SPEC.toml``: what the manifest says beyond the model file itself.
-
-    ``labels`` and ``reference`` are local paths (relative to the spec file);
-    ``inputs``/``outputs`` default to what the runtime reports for the model;
-    shapes use -1 for dynamic dims.
-    """
-
-    format: str = ""
-    labels: Path | None = None
-    reference: Path | None = None
-    expires: str = ""
-    golden_rtol: float = 1e-3
-    golden_atol: float = 1e-4
-    golden_dir: Path | None = None
-    golden_cases: int = field(default=DEFAULT_GOLDEN_CASES, metadata={"check": in_range(1, 1000)})
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
-    preprocess: Preprocess | None = None
-    postprocess: Postprocess = field(default_factory=Postprocess)
-    gates: Gates = field(default_factory=Gates)
-    requires: Requires = field(default_factory=Requires)
-
-
-def load_spec(path: Path | None) -> SpecFile:
-    """Parse a pack spec; unknown keys and bad values are refused naming the key.
-
-    Raises:
-        ConfigError: unreadable, not TOML, or a bad key.
-    """
-    if path is None:
-        return SpecFile()
-    spec = build(SpecFile, load_toml(path), base=path.parent.resolve())
-
-    def dynamic(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-        return tuple(dataclasses.replace(s, shape=tuple(None if d == -1 else d for d in s.shape)) for s in specs)
-
-    return dataclasses.replace(spec, inputs=dynamic(spec.inputs), outputs=dynamic(spec.outputs))
 
 
 def _introspect(fmt: str, model: Path, layout: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -119,10 +78,6 @@ def _pack(ctx: Context, args: argparse.Namespace) -> int:
     golden_dir = args.golden_dir or spec.golden_dir
     with tempfile.TemporaryDirectory(prefix="edge-runtime-golden-") as tmp:
         if golden_dir is not None:
-            from edge_runtime.cli.tools_cmd import (
-                golden_from_dir,  # here, not at the top: tools_cmd imports this module
-            )
-
             picked = golden_inputs(golden_dir, args.golden_cases or spec.golden_cases)
             limits = ctx.config.limits
             args.golden = [*args.golden, *golden_from_dir(args.model, args.spec, picked, Path(tmp),
@@ -164,8 +119,6 @@ def _verify(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _golden(ctx: Context, args: argparse.Namespace) -> int:
-    from edge_runtime.cli.tools_cmd import write_golden
-
     return write_golden(ctx, args)
 
 
@@ -205,8 +158,6 @@ def register(verbs: Any) -> None:
     p.set_defaults(handler=_pack)
 
     p = verb_parser(sub, "golden", "write the .npz of a model's outputs on an input, for `pack --golden`")
-    from edge_runtime.cli.tools_cmd import golden_parser  # here, not at the top: tools_cmd imports this module
-
     golden_parser(p)
     p.set_defaults(handler=_golden)
 

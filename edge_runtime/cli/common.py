@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.cache.state_recovery import recover_state
 from edge_runtime.config.model import DEFAULT_CONFIG_PATH, Config, load_config
 from edge_runtime.config.typed_toml import load_toml
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.update.state_recovery import recover_state
 from edge_runtime.update.store import ModelStore
 
 __all__ = ["Context", "add_common_options", "emit", "report_errors", "verb_parser"]

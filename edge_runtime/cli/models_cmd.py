@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.cache.pins import pin_refusal
 from edge_runtime.cli.common import Context, emit, verb_parser
-from edge_runtime.commands.handlers import pin_refusal
 from edge_runtime.errors import CacheError, EdgeRuntimeError, SignatureError
 from edge_runtime.runtime.gates import GateReport
 

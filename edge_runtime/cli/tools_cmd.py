@@ -21,8 +21,8 @@ from numpy.typing import NDArray
 from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime._util.strict_text import parse_decimal
 from edge_runtime.bundle.manifest import Preprocess
-from edge_runtime.cli.bundle_cmd import SpecFile, load_spec
 from edge_runtime.cli.common import Context, emit, verb_parser
+from edge_runtime.cli.pack_spec import SpecFile, load_spec
 from edge_runtime.devtools.benchmark import BenchResult, bare_runner, compare, random_feeds
 from edge_runtime.devtools.quantize import find_inputs, load_samples, quantize_onnx, require_quantization_tools
 from edge_runtime.errors import InputError, ManifestError

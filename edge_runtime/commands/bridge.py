@@ -26,32 +26,33 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edge_runtime import __version__
-from edge_runtime.bundle.signing import load_trusted_keys
-from edge_runtime.commands.auth import CommandAuth
-from edge_runtime.commands.handlers import MODEL_VERBS, SIGNED_VERBS, DeviceCommands, Dispatcher, Reply
+from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
+from edge_runtime.commands.handlers import MODEL_VERBS
 from edge_runtime.commands.intake import CommandIntake
-from edge_runtime.commands.ledger import CommandLedger
+from edge_runtime.commands.parse import Reply
+from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import Config
 from edge_runtime.errors import EdgeRuntimeError, LinkError
 from edge_runtime.mqtt.forwarder import Forwarder
-from edge_runtime.mqtt.link import Message, MqttLink
+from edge_runtime.mqtt.link import Delivery, Message, MqttLink
 from edge_runtime.mqtt.reply_outbox import ReplyOutbox
 from edge_runtime.mqtt.spool import Spool
+from edge_runtime.telemetry.events import EventBus
 from edge_runtime.telemetry.report import SystemStats, build_telemetry
 
-if TYPE_CHECKING:
-    from edge_runtime.daemon import Daemon
-
-__all__ = ["MqttBridge", "resolve_device_id"]
+__all__ = ["CommandHandler", "Link", "MqttBridge", "resolve_device_id"]
 
 _log = logging.getLogger(__name__)
 _MACHINE_ID = Path("/etc/machine-id")
+TELEMETRY_STUCK_SECONDS = 120.0
+"""How long one telemetry tick (status check, spool append, an fsync on a failing SD card) may take
+before the bridge counts as stuck: beyond the period, which a fleet ``config`` may change."""
 
 
 def resolve_device_id(config: Config, machine_id: Path = _MACHINE_ID) -> str:
@@ -68,24 +69,85 @@ def resolve_device_id(config: Config, machine_id: Path = _MACHINE_ID) -> str:
     return host.strip("-._")[:64] or "edge-device"
 
 
-class MqttBridge:
-    """Owns the link, spool, forwarder, telemetry timer and command workers of a daemon."""
+class CommandHandler(Protocol):
+    """Turns one received command into its reply; never raises (:class:`.dispatch.Dispatcher` is one)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        config = daemon.config
+    def handle(self, verb: str, payload: bytes) -> Reply:
+        """The reply to the ``payload`` received on ``.../cmd/<verb>``."""
+        ...
+
+
+class Link(Protocol):
+    """The part of :class:`~edge_runtime.mqtt.link.MqttLink` the bridge uses (a test passes a fake)."""
+
+    @property
+    def connected(self) -> bool:
+        """Publishing now goes out."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """Its threads run (it reconnects by itself while they do)."""
+        ...
+
+    def start(self) -> None:
+        """Connect in the background, and keep reconnecting."""
+        ...
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish ``final`` (topic, payload) retained if connected, then disconnect for good."""
+        ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
+                response_topic: str | None = None, correlation_data: bytes | None = None,
+                user_properties: tuple[tuple[str, str], ...] | list[tuple[str, str]] = ()) -> Delivery:
+        """Send one message. Raises LinkError when not connected."""
+        ...
+
+    def subscribe(self, topic_filter: str, handler: Callable[[Message], None], qos: int = 1) -> None:
+        """Call ``handler`` for each message matching ``topic_filter``, now and after every reconnect."""
+        ...
+
+    def on_connect(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` after every (re)connect."""
+        ...
+
+
+LinkFactory = Callable[[str, tuple[str, bytes]], Link]
+"""Builds the link from (client id, Last Will (topic, payload))."""
+
+
+class MqttBridge:
+    """Owns the link, spool, forwarder, telemetry timer and command workers of a daemon.
+
+    It knows only what it is given: ``commands`` answers each command (the
+    composition root builds the dispatcher), ``events`` is the bus whose events
+    it forwards (and where it reports spool losses), ``settings`` the runtime
+    settings it reads (telemetry period, results), ``versions()`` what serves
+    now (status and telemetry), ``metrics()`` the metrics snapshot for telemetry.
+    ``link`` builds the link (default: a real :class:`~edge_runtime.mqtt.link.MqttLink`).
+    """
+
+    def __init__(self, config: Config, *, device: str, commands: CommandHandler, events: EventBus,
+                 settings: RuntimeSettings, versions: Callable[[], dict[str, int | None]],
+                 metrics: Callable[[], Mapping[str, Any]], link: LinkFactory | None = None,
+                 clock: Clock | None = None) -> None:
         self.mqtt = config.mqtt
-        self.device = resolve_device_id(config)
+        self.device = device
         self.base = f"{self.mqtt.prefix}/{self.device}"
-        self.settings = daemon.settings
+        self.settings = settings
+        self.events = events
+        self._versions = versions
+        self._metrics = metrics
         self.spool = Spool(config.state_dir / "mqtt-spool.db", max_messages=self.mqtt.spool_max_messages,
                            max_bytes=self.mqtt.spool_max_bytes)
-        self.link = MqttLink(self.mqtt, self.mqtt.client_id or f"edge-{self.device}",
-                             will=(f"{self.base}/status", self._status_payload("offline", "connection lost")))
+        make_link: LinkFactory = link or (lambda client_id, will: MqttLink(self.mqtt, client_id, will=will))
+        self.link = make_link(self.mqtt.client_id or f"edge-{self.device}",
+                              (f"{self.base}/status", self._status_payload("offline", "connection lost")))
         self.forwarder = Forwarder(self.spool, self.link, flush_rate=self.mqtt.flush_rate,
                                    max_inflight=self.mqtt.max_inflight, connected=lambda: self.link.connected)
         self.stats = SystemStats(config.state_dir)
-        self.dispatcher = self._build_dispatcher(config)
+        self.commands = commands
         self.intake = CommandIntake(self.mqtt.command_rate, self.mqtt.command_burst)
         self.outbox = ReplyOutbox(self.link)
         # Two workers, each in arrival order: model operations (an update can take minutes) never
@@ -98,7 +160,8 @@ class MqttBridge:
         self._status_lock = threading.Lock()
         self._status_versions: dict[str, int | None] | None = None  # what the retained status says
         self._connects = 0
-        daemon.events.subscribe(self._on_event)
+        self.telemetry_progress = Heartbeat(clock) if clock is not None else Heartbeat()
+        events.subscribe(self._on_event)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -109,6 +172,7 @@ class MqttBridge:
         self.link.on_connect(self._on_connect)
         self.link.start()
         self.forwarder.start()
+        self.telemetry_progress.beat()  # the models loaded since __init__: the bound starts now
         workers: list[tuple[Callable[[], None], str]] = [(self._telemetry_loop, "telemetry")]
         workers += [(partial(self._command_loop, lane), name) for name, lane in self._lanes.items()]
         for target, name in workers:
@@ -118,7 +182,7 @@ class MqttBridge:
 
     def stop(self) -> None:
         """Publish ``offline`` ourselves (no Last Will), stop the threads, close the spool."""
-        self.daemon.events.unsubscribe(self._on_event)  # events after this stay in events.jsonl only
+        self.events.unsubscribe(self._on_event)  # events after this stay in events.jsonl only
         self._stop.set()
         for lane in self._lanes.values():
             lane.put(None)
@@ -127,12 +191,17 @@ class MqttBridge:
         self.forwarder.stop()
         self.link.stop(final=(f"{self.base}/status", self._status_payload("offline", "clean shutdown")))
         self.spool.close()
-        self.ledger.close()
 
     @property
     def alive(self) -> bool:
-        """The link machinery and our threads are running (systemd watchdog)."""
-        return self.link.alive and all(t.is_alive() for t in self._threads)
+        """The link machinery and our threads run, and the telemetry thread beats (systemd watchdog).
+
+        The telemetry thread counts as stuck once it has not beaten for its period plus
+        :data:`TELEMETRY_STUCK_SECONDS`. False before start and after stop (the threads do not run).
+        """
+        bound = self.settings.get("mqtt.telemetry_seconds") + TELEMETRY_STUCK_SECONDS
+        return (self.link.alive and all(t.is_alive() for t in self._threads)
+                and self.telemetry_progress.age() <= bound)
 
     # ------------------------------------------------------------------ outgoing
 
@@ -144,9 +213,6 @@ class MqttBridge:
         if state == "online":
             doc["versions"] = self._versions()
         return json.dumps(doc, sort_keys=True).encode()
-
-    def _versions(self) -> dict[str, int | None]:
-        return {name: slot.version for name, slot in sorted(self.daemon.service.slots.items())}
 
     def _publish_status(self, reason: str) -> None:
         """Retained ``online`` status with the versions now serving and why it is published."""
@@ -191,12 +257,12 @@ class MqttBridge:
         lost = self.spool.take_lost()
         if lost:
             why = "; ".join(sorted({w for _, _, w in lost}))
-            self.daemon.events.emit("messages_dropped", count=sum(b - a + 1 for a, b, _ in lost),
+            self.events.emit("messages_dropped", count=sum(b - a + 1 for a, b, _ in lost),
                                     ranges=[[a, b] for a, b, _ in lost],
                                     reason=f"the spool could not store them: {why}")
 
     def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.settings.get("mqtt.telemetry_seconds")):
+        while not beating_wait(self._stop, self.settings.get("mqtt.telemetry_seconds"), self.telemetry_progress):
             try:
                 self._republish_if_changed()
                 self.publish_telemetry()
@@ -210,7 +276,7 @@ class MqttBridge:
 
         Raises EdgeRuntimeError: the spool could not store it (its seq is counted as dropped).
         """
-        snapshot = self.daemon.metrics.snapshot()
+        snapshot = dict(self._metrics())
         stats = self.stats.sample()
         spool_info = self.spool.stats()
         seq = self.spool.append(f"{self.base}/telemetry", lambda s: build_telemetry(
@@ -260,7 +326,7 @@ class MqttBridge:
             if item is None:
                 return
             verb, message = item
-            reply = self.dispatcher.handle(verb, message.payload)
+            reply = self.commands.handle(verb, message.payload)
             self._reply(message, reply)
 
     def _reply(self, message: Message, reply: Reply) -> None:
@@ -272,34 +338,14 @@ class MqttBridge:
         # The device property tells a fleet tool which device answered a group command.
         self.outbox.send(topic, payload, correlation=correlation, user_properties=(("device", self.device),))
 
-    def _build_dispatcher(self, config: Config) -> Dispatcher:
-        d = self.daemon
-        ledger = self.ledger = CommandLedger(config.state_dir / "commands.db", self.mqtt.command_id_window_seconds)
-        auth = None
-        if self.mqtt.signed_commands and self.mqtt.operator_keys_dir is not None:
-            auth = CommandAuth(load_trusted_keys(self.mqtt.operator_keys_dir),
-                               max_age_seconds=self.mqtt.command_max_age_seconds, nonce_store=ledger,
-                               max_bytes=self.mqtt.max_command_bytes, max_depth=self.mqtt.max_json_depth)
-        handlers = DeviceCommands(d.activator, d.ota, d.store, self.settings, self.status).handlers()
-        return Dispatcher(handlers, ledger=ledger, auth=auth, signed_verbs=SIGNED_VERBS if auth else (),
-                          max_bytes=self.mqtt.max_command_bytes, max_depth=self.mqtt.max_json_depth,
-                          device=self.device, groups=self.mqtt.groups,
-                          max_age_seconds=self.mqtt.unsigned_command_max_age_seconds)
-
     def status(self) -> dict[str, Any]:
-        """The `status` command's answer."""
-        d = self.daemon
+        """The bridge's part of the `status` command's answer (the daemon adds what serves and how)."""
         return {
             "device": self.device,
             "runtime": __version__,
             "versions": self._versions(),
-            "probation": {n: d.activator.on_probation(n) for n in d.service.slots if d.activator.on_probation(n)},
-            "pinned": {m.name: m.pinned for m in d.store.cache.list_models() if m.pinned is not None},
-            "ready": d.service.ready,
             "link": {"connected": self.link.connected},
             "spool": {"pending": self.spool.pending, "dropped": self.spool.dropped},
             "commands": {**self.intake.counts(), "replies_waiting": self.outbox.waiting,
                          "replies_lost": self.outbox.lost},
-            "uptime_s": round(d.metrics.snapshot()["uptime_s"], 1),
         }
-

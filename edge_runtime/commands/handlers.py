@@ -1,27 +1,4 @@
-"""Fleet commands: the dispatcher (parse, authenticate, run once, reply) and the device's handlers.
-
-:class:`Dispatcher` turns one ``(verb, payload)`` into one :class:`Reply` and
-never raises. Per command: parse and bound the payload
-(:mod:`edge_runtime.commands.parse`); verify a signed envelope, or refuse an
-unsigned one for a verb in ``signed_verbs`` (:mod:`edge_runtime.commands.auth`);
-claim the id in the :class:`~edge_runtime.commands.ledger.CommandLedger` so it
-runs once (a redelivery gets the stored reply with ``"duplicate": true``; one
-arriving while the first still runs gets ``"in_progress": true`` and is not
-run); run the handler; store its reply. A failure anywhere is
-``Reply(ok=False, message=<one line>)``, with the id when it can be recovered.
-Replies of commands that ran, failures included, are stored: an id is used up
-once its handler has run. The ledger keeps a digest of each id's verb and args:
-an id sent again with a *different* command is not run and gets an error reply
-with ``"duplicate": true, "conflict": "id reused with different args"`` (a
-silent replay of the first reply would tell the operator their new command ran).
-
-Unsigned commands have an age limit too (``max_age_seconds``: ``ts`` more than
-that behind or ahead of the device clock is refused, "expired timestamp"),
-unless the id already ran, which gets its stored reply. A device clock before
-:data:`CLOCK_FLOOR` (no RTC, not yet synchronised: a Pi boots in 1970) cannot
-judge age at all: then only ``ping`` and ``status`` are answered (the ping
-reply shows the device clock) and every other verb is refused until the clock
-is set.
+"""Fleet commands: the device's handler of each verb (the dispatcher is :mod:`edge_runtime.commands.dispatch`).
 
 :class:`DeviceCommands` supplies the handlers; the arguments of each verb::
 
@@ -35,7 +12,7 @@ is set.
     reload   {}                                  serve what the cache marks active (like SIGHUP)
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
-calls :func:`pinned_version`). ``rollback`` of a pinned model is refused, naming
+calls :func:`~edge_runtime.cache.pins.pinned_version`). ``rollback`` of a pinned model is refused, naming
 the pin, and an explicit ``update`` installs without activating (the pin wins:
 change it with ``pin``/``unpin``); the pinned version stays protected from gc.
 Settings changed by ``config`` last until the daemon restarts.
@@ -43,75 +20,44 @@ Settings changed by ``config`` last until the daemon restarts.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from edge_runtime.commands.auth import SIGNED_VERBS, CommandAuth, is_signed_envelope
-from edge_runtime.commands.ledger import CommandLedger
-from edge_runtime.commands.parse import Command, Reply, best_effort_id, check_verb, command_from_object, load_object
+from edge_runtime.cache.pins import pin_refusal, pinned_version
+from edge_runtime.commands.auth import SIGNED_VERBS
+from edge_runtime.commands.dispatch import Handler
+from edge_runtime.commands.parse import Command, Reply
 from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import in_range
 from edge_runtime.config.typed_toml import build
-from edge_runtime.errors import CommandError, ConfigError, EdgeRuntimeError
+from edge_runtime.errors import CommandError, ConfigError
 
 if TYPE_CHECKING:
     from edge_runtime.cache.versions import ModelCache
     from edge_runtime.update.activation import Activator
-    from edge_runtime.update.ota import OtaUpdater
+    from edge_runtime.update.ota import UpdateResult
     from edge_runtime.update.store import ModelStore
 
-__all__ = [
-    "CLOCK_FLOOR",
-    "MODEL_VERBS",
-    "SIGNED_VERBS",
-    "Command",
-    "DeviceCommands",
-    "Dispatcher",
-    "Handler",
-    "Reply",
-    "pinned_version",
-]
+__all__ = ["MODEL_VERBS", "SIGNED_VERBS", "DeviceCommands", "Updater"]
 
 MODEL_VERBS = frozenset({"update", "rollback", "pin", "unpin", "reload"})
 """Verbs that change what serves; they may take long (a download), so the bridge runs them apart."""
-CLOCK_FLOOR = 1_767_225_600.0
-"""2026-01-01 UTC, before this release was built: a device clock earlier than this is not set."""
-UNTIMED_VERBS = frozenset({"ping", "status"})
-"""Read-only verbs still answered while the device clock is not set."""
-CONFLICT = "id reused with different args"
-Handler = Callable[[Command], Reply]
-"""Runs one command; raises EdgeRuntimeError (its one-line message becomes the reply) to fail."""
-_log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def pinned_version(cache: ModelCache, name: str) -> int | None:
-    """The version of ``name`` an operator pinned, or None. The OTA poller skips pinned models.
+class Updater(Protocol):
+    """What the ``update`` verb needs of the OTA side (:class:`~edge_runtime.update.ota.OtaUpdater` is one)."""
 
-    Raises CacheError: the state file is corrupt.
-    """
-    return cache.state.load().model(name).pinned
+    def update_from_url(self, url: str, *, expected_sha256: str | None = None,
+                        expected_size: int | None = None) -> UpdateResult:
+        """Download, verify, install and activate (only install, when pinned) the bundle at ``url``.
 
-
-def pin_refusal(cache: ModelCache, name: str, serving: int | None = None) -> str | None:
-    """Why serving ``serving`` of ``name`` (None: whichever a rollback picks) is refused, or None when it is not.
-
-    The pin wins over a rollback or an activation: it is the operator's standing
-    decision, changed only with ``pin``/``unpin``, so ``status``, ``models list``
-    and the events never show a pin the device does not serve.
-
-    Raises CacheError: the state file is corrupt.
-    """
-    pinned = pinned_version(cache, name)
-    if pinned is None or pinned == serving:
-        return None
-    return f"{name} is pinned to v{pinned}: unpin it first, or pin the version to serve"
+        Raises FetchError, BundleError, GateError, ModelError: the previous version serves.
+        """
+        ...
 
 
 # ---------------------------------------------------------------------- handler arguments
@@ -173,7 +119,7 @@ class DeviceCommands:
     gates and swap.
     """
 
-    def __init__(self, activator: Activator, ota: OtaUpdater, store: ModelStore, settings: RuntimeSettings,
+    def __init__(self, activator: Activator, ota: Updater, store: ModelStore, settings: RuntimeSettings,
                  status: Callable[[], Mapping[str, Any]], *, clock: Callable[[], float] = time.time) -> None:
         self.activator = activator
         self.ota = ota
@@ -207,7 +153,7 @@ class DeviceCommands:
         args = _args(_UpdateArgs, command)
         result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
         state = "active (on probation)" if result.active else "installed, not active"
-        if (refused := pin_refusal(self.ota.store.cache, result.name, result.version)) is not None:
+        if (refused := pin_refusal(self.store.cache, result.name, result.version)) is not None:
             state += f" ({refused})"
         return Reply(True, f"{result.name} v{result.version} {state}",
                      data={"model": result.name, "version": result.version, "active": result.active})
@@ -289,130 +235,3 @@ class DeviceCommands:
         if model not in cache.names():
             raise CommandError(f"unknown model {model[:64]!r} (cached: {', '.join(cache.names()) or 'none'})")
         return cache
-
-
-class Dispatcher:
-    """Parses, authenticates and runs each command once; :meth:`handle` never raises.
-
-    ``signed_verbs``: verbs refused unless signed (needs ``auth``). A signed
-    envelope for any verb is verified when ``auth`` is set and refused when not.
-    ``device`` and ``groups`` are what signed commands may be addressed to.
-    ``max_age_seconds`` (None: no limit) bounds how far an unsigned command's
-    ``ts`` may lie from ``clock`` (wall-clock Unix seconds); see the module doc.
-    """
-
-    def __init__(self, handlers: Mapping[str, Handler], *, ledger: CommandLedger, auth: CommandAuth | None,
-                 signed_verbs: Collection[str] = SIGNED_VERBS, max_bytes: int, max_depth: int, device: str,
-                 groups: Collection[str] = (), max_age_seconds: float | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        if signed_verbs and auth is None:
-            raise ValueError("signed_verbs need a CommandAuth to verify them")
-        self._handlers = dict(handlers)
-        self._ledger = ledger
-        self._auth = auth
-        self._signed_verbs = frozenset(signed_verbs)
-        self.max_bytes = max_bytes
-        self.max_depth = max_depth
-        self.device = device
-        self.groups = tuple(groups)
-        self.max_age_seconds = max_age_seconds
-        self._clock = clock
-
-    def handle(self, verb: str, payload: bytes) -> Reply:
-        """Handle the ``payload`` received on the ``.../cmd/<verb>`` topic; return the reply to send."""
-        try:
-            return self._handle(verb, payload)
-        except Exception:  # the command worker must survive any bug and keep answering
-            _log.exception("command %r crashed the dispatcher", verb[:32])
-            return Reply(False, "internal error while handling the command (see the device log)",
-                         best_effort_id(payload))
-
-    def parse(self, verb: str, payload: bytes) -> Command:
-        """Parse and authenticate without running anything.
-
-        Raises:
-            CommandError: refused (malformed, unsigned when required, bad signature, ...).
-        """
-        check_verb(verb)
-        doc = load_object(payload, max_bytes=self.max_bytes, max_depth=self.max_depth)
-        if is_signed_envelope(doc):
-            if self._auth is None:
-                raise CommandError("signed commands are not enabled on this device (no operator keys configured)")
-            return self._auth.verify_envelope(doc, verb, device=self.device, groups=self.groups)
-        if verb in self._signed_verbs:
-            raise CommandError(f"command {verb!r} must be signed by an operator key")
-        return command_from_object(doc, verb)
-
-    def _handle(self, verb: str, payload: bytes) -> Reply:
-        try:
-            command = self.parse(verb, payload)
-        except CommandError as e:
-            return Reply(False, e.one_line(), best_effort_id(payload))
-        handler = self._handlers.get(verb)
-        if handler is None:
-            return Reply(False, f"command verb {verb!r} is not supported by this device", command.id)
-        refused = self._check_time(command)
-        if refused is not None:
-            return refused
-        try:
-            claim = self._ledger.claim(command.id, _digest(command))
-        except CommandError as e:  # without the ledger "run once" cannot be kept: do not run
-            return Reply(False, f"{verb} not run: {e.one_line()}", command.id)
-        if claim.conflict:
-            return Reply(False, f"command id {command.id!r} was already used for a different command "
-                                "(verb or args differ); nothing was run: send it with a new id", command.id,
-                         {"duplicate": True, "conflict": CONFLICT})
-        if claim.running:
-            return Reply(False, f"command {command.id!r} is already running; its reply follows", command.id,
-                         {"duplicate": True, "in_progress": True})
-        if claim.reply is not None:
-            return dataclasses.replace(claim.reply, id=command.id, data={**claim.reply.data, "duplicate": True})
-        reply = self._run(handler, command)
-        try:
-            self._ledger.record(command.id, reply)
-        except CommandError as e:
-            _log.error("command %s ran but its reply was not stored: %s", command.id, e.one_line())
-        return reply
-
-    def _check_time(self, command: Command) -> Reply | None:
-        """The refusal of a command the device clock cannot vouch for, or None to go on."""
-        now = self._clock()
-        if now < CLOCK_FLOOR:
-            if command.verb in UNTIMED_VERBS:
-                return None  # read-only, so safe whatever their age; the ping reply shows the clock
-            return Reply(False, f"{command.verb} refused: the device clock is not set ({now:.0f} is before "
-                                f"{CLOCK_FLOOR:.0f}), so the command's age cannot be checked; only "
-                                f"{' and '.join(sorted(UNTIMED_VERBS))} are answered until it is", command.id)
-        if command.signed_by is not None or self.max_age_seconds is None:
-            return None  # signed commands: CommandAuth checked ts already
-        age = now - command.ts
-        if abs(age) <= self.max_age_seconds:
-            return None
-        try:
-            stored = self._ledger.lookup(command.id)
-        except CommandError:
-            stored = None
-        if stored is not None:
-            return dataclasses.replace(stored, data={**stored.data, "duplicate": True})  # a late redelivery
-        where = f"{age:.0f} s old" if age > 0 else f"{-age:.0f} s ahead of the device clock"
-        return Reply(False, f"expired timestamp: command ts is {where} (limit {self.max_age_seconds:g} s); "
-                            "send it again with the current time", command.id)
-
-    def _run(self, handler: Handler, command: Command) -> Reply:
-        signer = f" (signed by {', '.join(k[:16] for k in command.signed_by)})" if command.signed_by else ""
-        _log.info("running command %s %s%s", command.verb, command.id, signer)
-        try:
-            reply = handler(command)
-        except EdgeRuntimeError as e:
-            reply = Reply(False, f"{command.verb} failed: {e.one_line()}")
-        except Exception as e:  # a handler bug is one failed command, not a dead command worker
-            _log.exception("command %s %s crashed", command.verb, command.id)
-            reply = Reply(False, f"{command.verb} failed: internal error ({type(e).__name__}; see the device log)")
-        return dataclasses.replace(reply, id=command.id)
-
-
-def _digest(command: Command) -> str:
-    """SHA-256 of the verb and args: what must match for a repeated id to be the same command."""
-    text = json.dumps({"verb": command.verb, "args": dict(command.args)}, sort_keys=True, separators=(",", ":"),
-                      default=str)
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -17,23 +17,25 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
 from edge_runtime._util.retry_policy import redact_url
+from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.cache.disk_room import make_room_for_download
-from edge_runtime.cache.staging_owner import owner_tag
-from edge_runtime.cache.state_recovery import keep_channel_document
-from edge_runtime.commands.handlers import pin_refusal, pinned_version
+from edge_runtime.cache.pins import pin_refusal, pinned_version
 from edge_runtime.config.model import OtaConfig
 from edge_runtime.errors import EdgeRuntimeError, FetchError, GateError, ModelError
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.update.activation import Activator
 from edge_runtime.update.channel import parse_channel
 from edge_runtime.update.fetcher import Fetcher
+from edge_runtime.update.state_recovery import keep_channel_document
 from edge_runtime.update.store import ModelStore
 from edge_runtime.update.transport import HttpFetcher
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
 _log = logging.getLogger(__name__)
+_INSTALL_MARGIN_S = 600.0  # install + gates of one bundle, beyond its download's deadline
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class OtaUpdater:
     def __init__(self, config: OtaConfig, store: ModelStore, activator: Activator, events: EventBus, *,
                  fetcher: Fetcher | None = None,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
-                 poll_seconds: Callable[[], float] | None = None) -> None:
+                 poll_seconds: Callable[[], float] | None = None, clock: Clock | None = None) -> None:
         self.config = config
         self.store = store
         self.activator = activator
@@ -68,6 +70,8 @@ class OtaUpdater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = threading.Lock()
+        # The poll thread beats while it waits between polls and after each step of a poll.
+        self.progress = Heartbeat(clock) if clock is not None else Heartbeat()
 
     @property
     def fetcher(self) -> Fetcher:
@@ -86,9 +90,25 @@ class OtaUpdater:
         self._thread.start()
 
     @property
+    def stuck_seconds(self) -> float:
+        """How long one step of a poll may go without a beat before the poller counts as stuck.
+
+        A step is the channel fetch (two fetches, each bounded by ``deadline_seconds``)
+        or one update: its download (the same deadline), then install and gates (a
+        child with its own limits), possibly after waiting for a fleet ``update``
+        that holds the update lock meanwhile: twice one update's bound.
+        """
+        return 2 * (self.config.deadline_seconds + _INSTALL_MARGIN_S)
+
+    @property
     def alive(self) -> bool:
-        """The poller thread runs (True without a channel URL: nothing to poll); False once it died."""
-        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+        """The poller thread runs and beats within :attr:`stuck_seconds`; False once it died or hangs.
+
+        True without a channel URL (nothing to poll) and once stopping.
+        """
+        if self._thread is None or self._stop.is_set():
+            return True
+        return self._thread.is_alive() and self.progress.age() <= self.stuck_seconds
 
     def stop(self) -> None:
         """Stop polling; an update in progress finishes its current step first."""
@@ -104,7 +124,8 @@ class OtaUpdater:
                 _log.warning("OTA poll failed: %s", e.one_line())
             except Exception:  # keep polling: one bad cycle must not end updates for good
                 _log.exception("OTA poll crashed")
-            self._stop.wait(self.poll_seconds())
+            self.progress.beat()
+            beating_wait(self._stop, self.poll_seconds(), self.progress)
 
     # ------------------------------------------------------------------ updates
 
@@ -127,6 +148,7 @@ class OtaUpdater:
         keep_channel_document(cache.state_dir, data, signature)  # proves the sequence if state.json is lost
         results = []
         for name, entry in sorted(channel.entries.items()):
+            self.progress.beat()  # one update is one step: see stuck_seconds
             if entry.version <= cache.floor(name):
                 continue
             if pinned_version(cache, name) is not None:  # an operator pinned it (fleet `pin`): no automatic updates

@@ -21,6 +21,7 @@ from edge_runtime._util.fsutil import read_capped, remove_tree, sha256_file
 from edge_runtime.bundle.manifest import Manifest, StagedBundle
 from edge_runtime.bundle.reader import read_bundle
 from edge_runtime.bundle.requirements import check_requirements, device_tags
+from edge_runtime.bundle.reverify import Trust
 from edge_runtime.bundle.signing import load_trusted_keys
 from edge_runtime.cache.disk_room import make_room
 from edge_runtime.cache.state import FailedVersion
@@ -38,7 +39,6 @@ from edge_runtime.runtime.backends.base import BackendOptions
 from edge_runtime.runtime.gate_child import ChildBudget, gate_in_child
 from edge_runtime.runtime.gates import GateReport
 from edge_runtime.runtime.loaded_model import LoadedModel
-from edge_runtime.update.reverify import Trust
 
 __all__ = ["InstallResult", "ModelStore"]
 
