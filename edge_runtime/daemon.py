@@ -119,6 +119,8 @@ class Daemon:
                 waiting.append(name)
                 _log.warning("model %r has no usable installed version: its requests and pipeline wait "
                              "until one is installed (models install, OTA or a fleet update)", name)
+        for pipe_cfg in self.config.pipelines:  # exported from 0 before /metrics can be read, not once they start
+            self.metrics.known_pipeline(pipe_cfg.name)
         if self.config.api.enabled:
             self.api = ApiServer(self.config.api, self.service, self.metrics)
             self.api.start()
