@@ -146,7 +146,11 @@ def test_flood_of_pings_is_shed_and_an_operator_is_answered_right_after(
         assert reply["ok"], reply
         assert answered < 5.0, f"operator ping answered {answered:.1f} s after the flood"
         counts = op.command("status")["data"]["commands"]
-        assert counts["dropped_rate"] > 10_000, counts
+        # How much of a QoS 0 burst reaches the device is the broker's business (it drops what the device
+        # cannot read in time: 8,244 of 20,000 once on a loaded machine); what the device does with what it
+        # sees is the point: it sheds nearly all of it at intake.
+        seen = counts["dropped_rate"] + counts["accepted"]
+        assert seen > 2_000 and counts["dropped_rate"] > 0.9 * seen, counts
         code, _ = serve.infer("ppocr-cls", ppocr_input())
         assert code == 200  # inference still serves
         flood_log = serve.stderr()[before:]
