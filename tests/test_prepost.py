@@ -12,6 +12,7 @@ import pytest
 
 from edge_runtime.bundle.manifest import Postprocess, Preprocess
 from edge_runtime.errors import InputError, ManifestError
+from edge_runtime.runtime.backends.base import TensorInfo
 from edge_runtime.runtime.postprocess import Postprocessor, parse_labels
 from edge_runtime.runtime.preprocess import Preprocessor, decode_image, image_dimensions, load_npy
 
@@ -136,9 +137,13 @@ def test_npy_loads_numbers_and_refuses_pickles() -> None:
         load_npy(buf.getvalue(), 10)
 
 
+def _outs(*names: str) -> list[TensorInfo]:
+    return [TensorInfo(n, (None,), "float32") for n in names]
+
+
 def test_classification_softmax_topk_labels() -> None:
     post = Postprocessor(Postprocess(type="classification", activation="softmax", top_k=2),
-                         ["out"], ["cat", "dog", "fish"])
+                         _outs("out"), ["cat", "dog", "fish"])
     logits = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 0.0]], np.float32)
     results = post({"out": logits})
     expect = np.exp(logits[0]) / np.exp(logits[0]).sum()
@@ -149,7 +154,7 @@ def test_classification_softmax_topk_labels() -> None:
 
 def test_classification_sigmoid_over_flattened_anchors() -> None:
     post = Postprocessor(Postprocess(type="classification", output="b", activation="sigmoid", top_k=1),
-                         ["a", "b"])
+                         _outs("a", "b"))
     scores = np.full((1, 896, 1), -5.0, np.float32)
     scores[0, 417, 0] = 2.0
     (result,) = post({"a": np.zeros((1, 2)), "b": scores})
@@ -157,7 +162,8 @@ def test_classification_sigmoid_over_flattened_anchors() -> None:
 
 
 def test_raw_returns_every_output_per_item() -> None:
-    out = Postprocessor(Postprocess(), ["x", "y"])({"x": np.ones((2, 3), np.float32), "y": np.zeros((2,), np.int8)})
+    post = Postprocessor(Postprocess(), _outs("x", "y"))
+    out = post({"x": np.ones((2, 3), np.float32), "y": np.zeros((2,), np.int8)})
     assert len(out) == 2
     assert out[1]["outputs"]["x"] == {"shape": [3], "dtype": "float32", "data": [1.0, 1.0, 1.0]}
     assert out[0]["outputs"]["y"]["data"] == 0

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edge_runtime.bundle.postprocess_spec import Detection, Segmentation
 from edge_runtime.errors import ManifestError
 
 __all__ = [
@@ -38,9 +39,9 @@ SCHEMA_VERSION = 1
 FORMATS = ("onnx", "tflite")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 LAYOUTS = ("NCHW", "NHWC", "")
-RESIZE_MODES = ("stretch", "letterbox", "none")
+RESIZE_MODES = ("stretch", "letterbox", "letterbox_top_left", "none")
 COLOR_ORDERS = ("rgb", "bgr", "gray")
-POSTPROCESS_TYPES = ("raw", "classification")
+POSTPROCESS_TYPES = ("raw", "classification", "detection", "segmentation")
 ACTIVATIONS = ("none", "softmax", "sigmoid")
 
 #: Model names (and hardware tags): one safe path component. The cache, the state file
@@ -130,7 +131,9 @@ class Postprocess:
 
     ``raw`` returns the outputs as arrays; ``classification`` takes output
     ``output`` (default: first), applies ``activation`` and returns the
-    ``top_k`` classes, named from the ``labels`` file when given.
+    ``top_k`` classes, named from the ``labels`` file when given;
+    ``detection`` and ``segmentation`` decode the head that ``detection`` or
+    ``segmentation`` declares (:mod:`edge_runtime.bundle.postprocess_spec`).
     """
 
     type: str = "raw"
@@ -138,6 +141,8 @@ class Postprocess:
     activation: str = "none"
     top_k: int = 5
     labels: str = ""
+    detection: Detection | None = None
+    segmentation: Segmentation | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,9 @@ class Manifest:
             spec["shape"] = [-1 if d is None else d for d in spec["shape"]]
         if doc["preprocess"] is None:
             del doc["preprocess"]
+        for head in ("detection", "segmentation"):  # absent, so older runtimes still read other manifests
+            if doc["postprocess"][head] is None:
+                del doc["postprocess"][head]
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def input_spec(self, name: str = "") -> TensorSpec:

@@ -33,7 +33,9 @@ from edge_runtime.bundle.manifest import (
     is_valid_name,
     validate_member_path,
 )
-from edge_runtime.errors import ManifestError
+from edge_runtime.bundle.postprocess_spec import Detection, Segmentation, check_detection, check_segmentation
+from edge_runtime.config.typed_toml import build
+from edge_runtime.errors import ConfigError, ManifestError
 
 __all__ = ["parse_manifest"]
 
@@ -150,6 +152,17 @@ def _preprocess(obj: object) -> Preprocess:
     return pre
 
 
+def _head(f: _Fields, key: str, cls: type[Any]) -> Any:
+    raw = f._get(key, None)
+    if raw is None:
+        return None
+    try:
+        # The same strict builder as pack specs: unknown keys and mistyped values are named.
+        return build(cls, raw, f"postprocess.{key}")
+    except ConfigError as e:
+        raise ManifestError(e.one_line()) from e
+
+
 def _postprocess(obj: object) -> Postprocess:
     f = _Fields(obj, "postprocess")
     post = Postprocess(
@@ -158,9 +171,26 @@ def _postprocess(obj: object) -> Postprocess:
         activation=f.str_("activation", "none", ACTIVATIONS),
         top_k=f.int_("top_k", 5, 1, 1000),
         labels=f.str_("labels"),
+        detection=_head(f, "detection", Detection),
+        segmentation=_head(f, "segmentation", Segmentation),
     )
     f.finish()
+    check_heads(post)
     return post
+
+
+def check_heads(post: Postprocess) -> None:
+    """``type = "detection"`` needs a ``detection`` table and nothing else may carry one (same for segmentation).
+
+    Raises:
+        ManifestError: a head missing for its type, or declared for another type.
+    """
+    for head in ("detection", "segmentation"):
+        declared = getattr(post, head) is not None
+        if post.type == head and not declared:
+            raise ManifestError(f"postprocess.type {head!r} needs a [postprocess.{head}] table")
+        if declared and post.type != head:
+            raise ManifestError(f"postprocess.{head} is declared but postprocess.type is {post.type!r}")
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -261,3 +291,22 @@ def _check_references(m: Manifest) -> None:
         m.input_spec(m.preprocess.input)
     if m.postprocess.output and m.outputs:
         m.output_spec(m.postprocess.output)
+    if m.postprocess.detection is not None:
+        check_detection(m.postprocess.detection, m.outputs, declared_input_hw(m))
+    if m.postprocess.segmentation is not None:
+        check_segmentation(m.postprocess.segmentation, m.outputs)
+
+
+def declared_input_hw(m: Manifest) -> tuple[int, int] | None:
+    """The (height, width) the preprocessing feeds the model, when the manifest fixes it."""
+    pre = m.preprocess
+    if pre is not None and pre.size is not None:
+        return pre.size
+    if not m.inputs:
+        return None
+    spec = m.input_spec(pre.input if pre else "")
+    if len(spec.shape) != 4:
+        return None
+    layout = (pre.layout if pre else "") or spec.layout or ("NCHW" if spec.shape[1] in (1, 3) else "NHWC")
+    h, w = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    return (h, w) if h is not None and w is not None else None

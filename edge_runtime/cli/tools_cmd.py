@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime._util.strict_text import parse_decimal
-from edge_runtime.bundle.manifest import Preprocess
+from edge_runtime.bundle.manifest import COLOR_ORDERS, RESIZE_MODES, Preprocess
 from edge_runtime.cli.common import Context, emit, verb_parser
 from edge_runtime.cli.pack_spec import SpecFile, load_spec
 from edge_runtime.devtools.benchmark import BenchResult, bare_runner, compare, random_feeds
@@ -54,7 +54,7 @@ def _preprocess(args: argparse.Namespace, spec: SpecFile) -> Preprocess | None:
     pre = dataclasses.replace(spec.preprocess or Preprocess(), **given)
     # load_spec does not check [preprocess] values (bundle pack does, via the manifest), and the
     # Preprocessor would silently treat an unknown resize mode as letterbox: refuse them here.
-    checks = (("resize", pre.resize, ("stretch", "letterbox", "none")), ("color", pre.color, ("rgb", "bgr", "gray")),
+    checks = (("resize", pre.resize, RESIZE_MODES), ("color", pre.color, COLOR_ORDERS),
               ("layout", pre.layout, ("", "NCHW", "NHWC")))
     for key, value, allowed in checks:
         if value not in allowed:
@@ -328,10 +328,10 @@ def golden_parser(p: argparse.ArgumentParser) -> None:
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessing (override --spec's [preprocess]; same meaning as there)")
     g.add_argument("--input-name", dest="pre_input", metavar="NAME", help="model input the image feeds")
-    g.add_argument("--resize", dest="pre_resize", choices=("stretch", "letterbox", "none"))
+    g.add_argument("--resize", dest="pre_resize", choices=RESIZE_MODES)
     g.add_argument("--size", dest="pre_size", type=int, nargs=2, metavar=("H", "W"),
                    help="height and width (for models with dynamic spatial dims)")
-    g.add_argument("--color", dest="pre_color", choices=("rgb", "bgr", "gray"))
+    g.add_argument("--color", dest="pre_color", choices=COLOR_ORDERS)
     g.add_argument("--layout", dest="pre_layout", choices=("NCHW", "NHWC"))
     g.add_argument("--scale", dest="pre_scale", type=float, metavar="F", help="pixel multiplier, e.g. 0.00392 (1/255)")
     g.add_argument("--mean", dest="pre_mean", type=float, nargs="+", metavar="F", help="per channel or one value")

@@ -24,7 +24,7 @@ from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import Backend, BackendOptions, TensorInfo, dequantize, fit_tensor
 from edge_runtime.runtime.oip_types import datatype_of
 from edge_runtime.runtime.postprocess import Postprocessor, parse_labels
-from edge_runtime.runtime.preprocess import Preprocessor, decoded_image, is_npy, load_npy
+from edge_runtime.runtime.preprocess import Placement, Preprocessor, decoded_image, is_npy, load_npy
 
 __all__ = ["LoadedModel", "Prediction"]
 
@@ -68,8 +68,8 @@ class LoadedModel:
             self.preprocess_input = self._pick_input()
             self.preprocessor = self._build_preprocessor()
             labels = self._read_labels()
-            self.postprocessor = Postprocessor(manifest.postprocess, [t.name for t in self.backend.outputs],
-                                               labels)
+            self.postprocessor = Postprocessor(manifest.postprocess, self.backend.outputs, labels,
+                                               self._input_hw())
         except BaseException:
             self.backend.close()
             raise
@@ -96,28 +96,34 @@ class LoadedModel:
         """
         return self.backend.infer(feeds)
 
-    def predict_bytes(self, data: bytes) -> Prediction:
+    def predict_bytes(self, data: bytes, *, with_mask: bool = False) -> Prediction:
         """Run on a JPEG/PNG image or a .npy tensor given as bytes.
+
+        Boxes and masks of an image are in its own pixels, those of a tensor in
+        the model input's. ``with_mask`` adds a segmentation's PNG mask.
 
         Raises:
             InputError: bad or oversized input. BusyError: the decode budget stayed full.
             InferenceError: runtime failed.
         """
         t0 = time.perf_counter()
+        placement: Placement | None = None
         if is_npy(data):
             feeds = {self.preprocess_input.name: self.to_tensor(load_npy(data, self.limits.max_image_bytes))}
         else:
             limits = self.limits
             # The decode budget is held until the full-size image is dropped, not only while OpenCV runs.
             with decoded_image(data, limits.max_image_bytes, limits.max_image_pixels, limits.max_decode_bytes) as image:
-                feeds = {self.preprocess_input.name: self.image_to_tensor(image)}
+                tensor, placement = self.image_to_input(image)
+                feeds = {self.preprocess_input.name: tensor}
                 del image
-        return self._run(feeds, t0)
+        return self._run(feeds, t0, placement, with_mask)
 
-    def predict_image(self, image: NDArray[Any]) -> Prediction:
-        """Run on a decoded BGR uint8 image (e.g. a camera frame)."""
+    def predict_image(self, image: NDArray[Any], *, with_mask: bool = False) -> Prediction:
+        """Run on a decoded BGR uint8 image (e.g. a camera frame); results in its pixels."""
         t0 = time.perf_counter()
-        return self._run({self.preprocess_input.name: self.image_to_tensor(image)}, t0)
+        tensor, placement = self.image_to_input(image)
+        return self._run({self.preprocess_input.name: tensor}, t0, placement, with_mask)
 
     def predict_tensor(self, tensor: NDArray[Any], input_name: str = "") -> Prediction:
         """Run on a tensor for one input (batch dim added, cast/quantised as needed)."""
@@ -159,16 +165,31 @@ class LoadedModel:
 
     def image_to_tensor(self, image: NDArray[Any]) -> NDArray[Any]:
         """Preprocess a BGR image into the model's input tensor (InputError when no preprocess)."""
+        return self.image_to_input(image)[0]
+
+    def image_to_input(self, image: NDArray[Any]) -> tuple[NDArray[Any], Placement]:
+        """The input tensor of a BGR image and where the image landed in it (InputError when no preprocess)."""
         if self.preprocessor is None:
             raise InputError(f"model {self.name} declares no preprocess; send a .npy tensor instead of an image")
-        tensor, _ = self.preprocessor(image)
-        return self.to_tensor(tensor)
+        tensor, placement = self.preprocessor(image)
+        return self.to_tensor(tensor), placement
 
-    def _run(self, feeds: dict[str, NDArray[Any]], t0: float) -> Prediction:
+    def _input_hw(self) -> tuple[int, int] | None:
+        """(height, width) of the image input boxes are measured in: the preprocessing's, else a static shape."""
+        if self.preprocessor is not None:
+            return self.preprocessor.height, self.preprocessor.width
+        shape = self.preprocess_input.shape
+        if len(shape) != 4:
+            return None
+        h, w = (shape[2], shape[3]) if shape[1] in (1, 3) else (shape[1], shape[2])
+        return (h, w) if h is not None and w is not None else None
+
+    def _run(self, feeds: dict[str, NDArray[Any]], t0: float, placement: Placement | None = None,
+             with_mask: bool = False) -> Prediction:
         t1 = time.perf_counter()
         outputs = self.backend.infer(feeds)
         t2 = time.perf_counter()
-        results = self.postprocessor(self.dequantized(outputs))
+        results = self.postprocessor(self.dequantized(outputs), [placement], with_mask=with_mask)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3,
                    "total": (t3 - t0) * 1e3}

@@ -2,7 +2,8 @@
 
 ``raw`` returns every output (dequantised) as nested lists with shape and
 dtype; ``classification`` takes one output, applies the activation and
-returns the top-k classes per batch item, named from the labels file.
+returns the top-k classes per batch item, named from the labels file;
+``detection`` and ``segmentation`` hand over to :mod:`edge_runtime.runtime.heads`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from numpy.typing import NDArray
 
 from edge_runtime.bundle.manifest import Postprocess
 from edge_runtime.errors import InferenceError, ManifestError
+from edge_runtime.runtime.backends.base import TensorInfo
+from edge_runtime.runtime.heads.detection import DetectionHead
+from edge_runtime.runtime.heads.segmentation import SegmentationHead
+from edge_runtime.runtime.preprocess import Placement
 
 __all__ = ["Postprocessor", "parse_labels"]
 
@@ -41,7 +46,15 @@ def parse_labels(data: bytes) -> list[str]:
 class Postprocessor:
     """Builds results from dequantised outputs. Thread-safe (no state)."""
 
-    def __init__(self, spec: Postprocess, output_names: Sequence[str], labels: Sequence[str] = ()) -> None:
+    def __init__(self, spec: Postprocess, outputs: Sequence[TensorInfo], labels: Sequence[str] = (),
+                 input_hw: tuple[int, int] | None = None) -> None:
+        """``input_hw`` is the model input's (height, width) that boxes and masks are measured in.
+
+        Raises:
+            ManifestError: no outputs, an unknown output, or a head that does not fit the outputs
+                (or no input size for a detection/segmentation head).
+        """
+        output_names = [t.name for t in outputs]
         if not output_names:
             raise ManifestError("the model has no outputs")
         if spec.output and spec.output not in output_names:
@@ -49,13 +62,30 @@ class Postprocessor:
         self.spec = spec
         self.output = spec.output or output_names[0]
         self.labels = list(labels)
+        self.detection: DetectionHead | None = None
+        self.segmentation: SegmentationHead | None = None
+        if spec.type in ("detection", "segmentation") and input_hw is None:
+            raise ManifestError(f"postprocess.type {spec.type!r} needs a fixed input size: set preprocess.size")
+        if spec.detection is not None and input_hw is not None:
+            self.detection = DetectionHead(spec.detection, outputs, input_hw, labels)
+        if spec.segmentation is not None and input_hw is not None:
+            self.segmentation = SegmentationHead(spec.segmentation, outputs, input_hw, labels)
 
-    def __call__(self, outputs: Mapping[str, NDArray[Any]]) -> list[dict[str, Any]]:
+    def __call__(self, outputs: Mapping[str, NDArray[Any]], placements: Sequence[Placement | None] = (),
+                 *, with_mask: bool = False) -> list[dict[str, Any]]:
         """One result dict per batch item.
+
+        ``placements`` map each item back to its source image (detection and
+        segmentation; missing = model-input pixels); ``with_mask`` adds a
+        segmentation's PNG mask.
 
         Raises:
             InferenceError: the selected output is missing or has no batch dim.
         """
+        if self.detection is not None:
+            return self.detection(outputs, placements)
+        if self.segmentation is not None:
+            return self.segmentation(outputs, placements, with_png=with_mask)
         if self.spec.type == "classification":
             return self._classify(outputs)
         return _raw(outputs)

@@ -27,7 +27,7 @@ from edge_runtime.runtime.decode_budget import DecodeBudget, shared_budget
 from edge_runtime.runtime.tensor_limits import is_npy, parse_npy
 
 __all__ = [
-    "Letterbox",
+    "Placement",
     "Preprocessor",
     "decode_cost",
     "decode_image",
@@ -163,12 +163,31 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, max_decode_bytes:
 
 
 @dataclass(frozen=True)
-class Letterbox:
-    """How a letterboxed image maps back to the original: x = (x' - pad_x) / scale."""
+class Placement:
+    """Where the source image landed in the model input: input = source * scale + pad, per axis.
 
-    scale: float
-    pad_x: int
-    pad_y: int
+    ``source`` and ``input`` are (width, height). Detection and segmentation
+    results use it to map back to the original image's pixels.
+    """
+
+    source: tuple[int, int]
+    input: tuple[int, int]
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    pad_x: float = 0.0
+    pad_y: float = 0.0
+
+    @classmethod
+    def identity(cls, width: int, height: int) -> Placement:
+        """The input is the source (a tensor input, or an image of the model's own size)."""
+        return cls((width, height), (width, height))
+
+    def to_source(self, xy: NDArray[Any]) -> NDArray[Any]:
+        """Map an array ``[..., 2k]`` of (x, y) pairs in input pixels to source pixels (not clipped)."""
+        out = np.array(xy, dtype=np.float64, copy=True)
+        out[..., 0::2] = (out[..., 0::2] - self.pad_x) / self.scale_x
+        out[..., 1::2] = (out[..., 1::2] - self.pad_y) / self.scale_y
+        return out
 
 
 class Preprocessor:
@@ -207,8 +226,8 @@ class Preprocessor:
         self.bias = _per_channel(-np.asarray(spec.mean, np.float32) / std, self.channels, "mean")
         self.identity = bool(np.all(self.gain == 1) and np.all(self.bias == 0))
 
-    def __call__(self, image: NDArray[Any]) -> tuple[NDArray[Any], Letterbox]:
-        """Resize, convert and normalise ``image`` (BGR uint8); return the tensor.
+    def __call__(self, image: NDArray[Any]) -> tuple[NDArray[Any], Placement]:
+        """Resize, convert and normalise ``image`` (BGR uint8); return the tensor and where the image went.
 
         Raises:
             InputError: the array is not an HxW or HxWx3 uint8 image.
@@ -236,29 +255,37 @@ class Preprocessor:
             return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         return image
 
-    def _resize(self, image: NDArray[Any]) -> tuple[NDArray[Any], Letterbox]:
+    def _resize(self, image: NDArray[Any]) -> tuple[NDArray[Any], Placement]:
         import cv2
 
         h, w = image.shape[:2]
         mode = self.spec.resize
+        size = (self.width, self.height)
         if (h, w) == (self.height, self.width):
-            return image, Letterbox(1.0, 0, 0)
+            return image, Placement.identity(w, h)
         if mode == "none":
             raise InputError(f"image is {w}x{h}, the model needs {self.width}x{self.height} (resize = none)")
         if mode == "stretch":
-            return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_LINEAR), Letterbox(
-                1.0, 0, 0
-            )
+            return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), Placement(
+                (w, h), size, self.width / w, self.height / h)
+        fill = self.spec.letterbox_fill
+        if mode == "letterbox_top_left":
+            # Pad right/bottom to the input's aspect ratio, then resize the whole canvas: the
+            # Ultralytics-export convention (nudenet and others), so their inputs match bit for bit.
+            canvas_w, canvas_h = max(w, -(-h * self.width // self.height)), max(h, -(-w * self.height // self.width))
+            padded = cv2.copyMakeBorder(image, 0, canvas_h - h, 0, canvas_w - w, cv2.BORDER_CONSTANT,
+                                        value=(fill, fill, fill))
+            return cv2.resize(padded, size, interpolation=cv2.INTER_LINEAR), Placement(
+                (w, h), size, self.width / canvas_w, self.height / canvas_h)
         scale = min(self.width / w, self.height / h)
         new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
-        fill = self.spec.letterbox_fill
         canvas = cv2.copyMakeBorder(
             resized, pad_y, self.height - new_h - pad_y, pad_x, self.width - new_w - pad_x,
             cv2.BORDER_CONSTANT, value=(fill, fill, fill),
         )
-        return canvas, Letterbox(scale, pad_x, pad_y)
+        return canvas, Placement((w, h), size, new_w / w, new_h / h, pad_x, pad_y)
 
 
 def _guess_layout(shape: tuple[int | None, ...], channels: int) -> str:

@@ -1,0 +1,1 @@
+"""Decoders for detection and segmentation heads: anchors, box decode, NMS, masks."""
