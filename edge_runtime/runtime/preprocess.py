@@ -184,10 +184,10 @@ class Placement:
 
     def to_source(self, xy: NDArray[Any]) -> NDArray[Any]:
         """Map an array ``[..., 2k]`` of (x, y) pairs in input pixels to source pixels (not clipped)."""
-        out = np.array(xy, dtype=np.float64, copy=True)
-        out[..., 0::2] = (out[..., 0::2] - self.pad_x) / self.scale_x
-        out[..., 1::2] = (out[..., 1::2] - self.pad_y) / self.scale_y
-        return out
+        pairs = np.asarray(xy, np.float64)
+        shape = pairs.shape
+        mapped = (pairs.reshape(-1, 2) - (self.pad_x, self.pad_y)) / (self.scale_x, self.scale_y)
+        return mapped.reshape(shape)
 
 
 class Preprocessor:

@@ -28,12 +28,18 @@ __all__ = ["Candidates", "DetectionHead"]
 
 @dataclass(frozen=True)
 class Candidates:
-    """Boxes that passed the score threshold: corners and keypoints in model-input pixels."""
+    """Boxes that passed the score threshold, in model-input pixels.
 
-    boxes: NDArray[Any]  # [N, 4] x1, y1, x2, y2
+    ``data`` rows are x1, y1, x2, y2 then the keypoints' (x, y) pairs: one
+    array, so mapping, clipping and rounding are one pass each.
+    """
+
+    data: NDArray[Any]  # [N, 4 + 2K]
     scores: NDArray[Any]  # [N]
     classes: NDArray[Any]  # [N] int
-    keypoints: NDArray[Any]  # [N, 2K] x, y pairs
+
+    def take(self, index: NDArray[Any]) -> Candidates:
+        return Candidates(self.data[index], self.scores[index], self.classes[index])
 
 
 def _activate(values: NDArray[Any], kind: str, clip: float = 0.0) -> NDArray[Any]:
@@ -83,8 +89,7 @@ class DetectionHead:
             boxes, scores = ssd_outputs(spec, outputs)
             self.names = (boxes.name, scores.name)
             self.anchors = generate_anchors(spec.anchors, input_hw)
-            anchor_h, anchor_w = spec.anchors.input_size or input_hw
-            self.box_scale = np.asarray(spec.box_scale or (anchor_w, anchor_h, anchor_w, anchor_h), np.float32)
+            self._gain, self._offset = self._ssd_tables()
         elif spec.layout == "yolo":
             self.names = (spec.boxes or outputs[0].name,)
         else:
@@ -131,33 +136,70 @@ class DetectionHead:
             corners = corners * np.asarray([w, h, w, h], np.float64)
         return corners
 
+    def _ssd_tables(self) -> tuple[NDArray[Any], NDArray[Any]]:
+        """Per anchor, value = raw * gain + offset gives centre, size and keypoints in input pixels.
+
+        Folding anchor size, box scale and input size into two tables makes the
+        hot path one multiply-add over the candidates.
+        """
+        spec, anchors = self.spec, self.anchors.astype(np.float64)
+        anchor_h, anchor_w = spec.anchors.input_size or self.input_hw
+        sx, sy, sw, sh = spec.box_scale or (anchor_w, anchor_h, anchor_w, anchor_h)
+        h_in, w_in = self.input_hw
+        # Columns in the head's order: x-like values first unless the head is y-first (cycxhw).
+        yx_first = spec.resolved_box_format == "cycxhw"
+        kinds = ["y", "x", "h", "w"] if yx_first else ["x", "y", "w", "h"]
+        kinds += (["y", "x"] if yx_first else ["x", "y"]) * spec.keypoints
+        gain = np.empty((anchors.shape[0], len(kinds)), np.float64)
+        offset = np.zeros_like(gain)
+        for col, kind in enumerate(kinds):
+            size = anchors[:, 2] if kind in "xw" else anchors[:, 3]
+            scale = {"x": sx, "y": sy, "w": sw, "h": sh}[kind]
+            pixels = w_in if kind in "xw" else h_in
+            gain[:, col] = size / scale * pixels
+            if kind in "xy":
+                offset[:, col] = (anchors[:, 0] if kind == "x" else anchors[:, 1]) * pixels
+        if yx_first:  # store as x, y, w, h, then (x, y) pairs, whatever the head's order
+            order = [1, 0, 3, 2] + [4 + 2 * k + j for k in range(spec.keypoints) for j in (1, 0)]
+            gain, offset = gain[:, order], offset[:, order]
+        return gain.astype(np.float32), offset.astype(np.float32)
+
     def _ssd(self, raw_boxes: NDArray[Any], raw_scores: NDArray[Any]) -> Candidates:
         spec = self.spec
+        width = self._gain.shape[1]
         if raw_boxes.ndim != 2 or raw_boxes.shape[0] != self.anchors.shape[0] or raw_scores.shape[0] != \
-                raw_boxes.shape[0]:
+                raw_boxes.shape[0] or raw_boxes.shape[1] < width:
             raise InferenceError(f"ssd head gave boxes {list(raw_boxes.shape)} and scores "
                                  f"{list(raw_scores.shape)} for {self.anchors.shape[0]} anchors")
-        scores = _activate(raw_scores.reshape(raw_scores.shape[0], -1), spec.score_activation, spec.score_clip)
-        best, classes = _best_class(scores if scores.shape[1] > 1 else scores[:, 0])
-        hit = np.flatnonzero(best >= spec.score_threshold)
-        raw = raw_boxes[hit].astype(np.float64)
-        anchors = self.anchors[hit].astype(np.float64)
-        yx_first = spec.resolved_box_format == "cycxhw"
-        ix, iy = (1, 0) if yx_first else (0, 1)
-        sx, sy, sw, sh = self.box_scale.astype(np.float64)
-        cx = raw[:, ix] / sx * anchors[:, 2] + anchors[:, 0]
-        cy = raw[:, iy] / sy * anchors[:, 3] + anchors[:, 1]
-        w = raw[:, 2 + ix] / sw * anchors[:, 2]
-        h = raw[:, 2 + iy] / sh * anchors[:, 3]
-        corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        k = spec.keypoints
-        points = raw[:, 4:4 + 2 * k].reshape(-1, k, 2)
-        if yx_first:
-            points = points[:, :, ::-1]
-        points = points / np.asarray([sx, sy]) * anchors[:, None, 2:4] + anchors[:, None, 0:2]
-        h_in, w_in = self.input_hw
-        points = (points * np.asarray([w_in, h_in], np.float64)).reshape(-1, 2 * k)
-        return Candidates(self._scale(corners, True), best[hit].astype(np.float64), classes[hit], points)
+        flat = raw_scores.reshape(raw_scores.shape[0], -1)
+        if flat.shape[1] == 1:
+            # Sigmoid is monotonic: threshold the logits, activate only the candidates.
+            logits = flat[:, 0]
+            hit = np.flatnonzero(logits >= self._logit_threshold()) if spec.score_activation == "sigmoid" \
+                else np.flatnonzero(_activate(logits, spec.score_activation, spec.score_clip) >= spec.score_threshold)
+            best = _activate(logits[hit], spec.score_activation, spec.score_clip)
+            classes = np.zeros(hit.size, np.int64)
+        else:
+            scores, cls = _best_class(_activate(flat, spec.score_activation, spec.score_clip))
+            hit = np.flatnonzero(scores >= spec.score_threshold)
+            best, classes = scores[hit], cls[hit]
+        values = (raw_boxes[hit, :width] * self._gain[hit] + self._offset[hit]).astype(np.float64)
+        half = values[:, 2:4] * 0.5
+        centre = values[:, :2].copy()
+        values[:, :2] -= half
+        values[:, 2:4] = centre + half
+        return Candidates(values, best.astype(np.float64), classes)
+
+    def _logit_threshold(self) -> float:
+        t = self.spec.score_threshold
+        if t <= 0.0:
+            return -np.inf
+        if t >= 1.0:
+            return np.inf
+        logit = float(np.log(t / (1.0 - t)))
+        clip = self.spec.score_clip
+        # A clipped logit never exceeds the clip: a threshold above it keeps nothing, as the clipped sigmoid would.
+        return min(logit, clip) if clip > 0 and logit > clip else logit
 
     def _yolo(self, head: NDArray[Any]) -> Candidates:
         spec = self.spec
@@ -174,9 +216,8 @@ class DetectionHead:
             best = best * _activate(pred[:, 4], spec.score_activation)
         hit = np.flatnonzero(best >= spec.score_threshold)
         corners = _corners(pred[hit, :4], spec.resolved_box_format)
-        empty = np.zeros((hit.size, 0))
         return Candidates(self._scale(corners, spec.resolved_coordinates == "normalized"),
-                          best[hit].astype(np.float64), classes[hit], empty)
+                          best[hit].astype(np.float64), classes[hit])
 
     def _decoded(self, boxes: NDArray[Any], classes: NDArray[Any], scores: NDArray[Any],
                  count: NDArray[Any]) -> Candidates:
@@ -189,47 +230,39 @@ class DetectionHead:
         hit = np.flatnonzero(scores >= spec.score_threshold)
         corners = _corners(boxes[hit], spec.resolved_box_format)
         return Candidates(self._scale(corners, spec.resolved_coordinates == "normalized"),
-                          scores[hit].astype(np.float64), np.rint(classes[hit]).astype(np.int64),
-                          np.zeros((hit.size, 0)))
+                          scores[hit].astype(np.float64), np.rint(classes[hit]).astype(np.int64))
 
     def _suppress(self, c: Candidates) -> Candidates:
         spec = self.spec
-        finite = np.isfinite(c.boxes).all(axis=1) & np.isfinite(c.scores)
+        finite = np.isfinite(c.data).all(axis=1) & np.isfinite(c.scores)
         if not finite.all():  # a NaN box would poison every IoU it meets
-            c = Candidates(c.boxes[finite], c.scores[finite], c.classes[finite], c.keypoints[finite])
+            c = c.take(np.flatnonzero(finite))
         if spec.layout == "decoded" or spec.nms == "none":
-            order = np.argsort(-c.scores, kind="stable")[: spec.max_detections]
-            return Candidates(c.boxes[order], c.scores[order], c.classes[order], c.keypoints[order])
+            return c.take(np.argsort(-c.scores, kind="stable")[: spec.max_detections])
         if spec.nms == "weighted":
-            lead, boxes, scores, points = weighted_nms(c.boxes, c.scores, c.keypoints, spec.iou_threshold,
-                                                       spec.max_detections)
-            return Candidates(boxes, scores, c.classes[lead], points)
-        keep = hard_nms(c.boxes, c.scores, spec.iou_threshold, spec.max_detections,
+            lead, rows, scores = weighted_nms(c.data, c.scores, spec.iou_threshold, spec.max_detections)
+            return Candidates(rows, scores, c.classes[lead])
+        keep = hard_nms(c.data[:, :4], c.scores, spec.iou_threshold, spec.max_detections,
                         None if spec.class_agnostic else c.classes)
-        return Candidates(c.boxes[keep], c.scores[keep], c.classes[keep], c.keypoints[keep])
+        return c.take(keep)
 
     def _results(self, c: Candidates, placement: Placement | None) -> dict[str, Any]:
         if placement is None:
             h, w = self.input_hw
             size = (w, h)
-            boxes, points = c.boxes, c.keypoints
+            data = c.data
         else:
             size = placement.source
-            boxes, points = placement.to_source(c.boxes), placement.to_source(c.keypoints)
-        limit = np.asarray([size[0], size[1]] * 2, np.float64)
-        boxes = np.clip(boxes, 0, limit)
-        if points.size:
-            points = np.clip(points, 0, np.tile(limit[:2], points.shape[1] // 2))
+            data = placement.to_source(c.data)
+        pairs = data.shape[1] // 2
+        rows = np.round(np.minimum(np.maximum(data, 0.0), size * pairs), 2).tolist()
         detections = []
-        for i in range(boxes.shape[0]):
-            cls = int(c.classes[i])
-            entry: dict[str, Any] = {"box": [round(float(v), 2) for v in boxes[i]],
-                                     "score": round(float(c.scores[i]), 6), "class": cls}
+        for row, score, cls in zip(rows, np.round(c.scores, 6).tolist(), c.classes.tolist(), strict=True):
+            entry: dict[str, Any] = {"box": row[:4], "score": score, "class": cls}
             label_index = cls + self.spec.label_offset
             if 0 <= label_index < len(self.labels):
                 entry["label"] = self.labels[label_index]
-            if points.shape[1]:
-                entry["keypoints"] = [[round(float(x), 2), round(float(y), 2)]
-                                      for x, y in points[i].reshape(-1, 2)]
+            if len(row) > 4:
+                entry["keypoints"] = [row[i:i + 2] for i in range(4, len(row), 2)]
             detections.append(entry)
         return {"detections": detections, "image_size": [int(size[0]), int(size[1])]}

@@ -15,23 +15,27 @@ from numpy.typing import NDArray
 __all__ = ["hard_nms", "iou_one_to_many", "weighted_nms"]
 
 
-def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any]) -> NDArray[Any]:
-    """IoU of one ``[4]`` corner box (x1, y1, x2, y2) with each of ``[N, 4]``; 0 where the union is empty."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0)
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    union = area + areas - inter
+def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any], areas: NDArray[Any] | None = None) -> NDArray[Any]:
+    """IoU of one ``[4]`` corner box (x1, y1, x2, y2) with each of ``[N, 4]``; 0 where the union is empty.
+
+    ``areas`` (of ``boxes``) may be passed in when computed once for many calls.
+    """
+    if areas is None:
+        areas = _areas(boxes)
+    inter = np.maximum(np.minimum(box[2:4], boxes[:, 2:4]) - np.maximum(box[:2], boxes[:, :2]), 0.0).prod(axis=1)
+    union = _areas(box[None])[0] + areas - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
 
 
+def _areas(boxes: NDArray[Any]) -> NDArray[Any]:
+    areas: NDArray[Any] = np.maximum(boxes[:, 2:4] - boxes[:, :2], 0.0).prod(axis=1)
+    return areas
+
+
 def _class_offset(boxes: NDArray[Any], classes: NDArray[Any] | None) -> NDArray[Any]:
     """Shift each class's boxes to their own region, so one pass never suppresses across classes."""
-    if classes is None or boxes.shape[0] == 0:
+    if classes is None or boxes.shape[0] < 2:
         return boxes
     span = float(np.max(boxes) - np.min(boxes)) + 1.0
     return boxes + (classes.astype(np.float64) * span)[:, None]
@@ -46,58 +50,48 @@ def hard_nms(boxes: NDArray[Any], scores: NDArray[Any], iou_threshold: float, ma
     class suppress each other.
     """
     order = np.argsort(-scores, kind="stable")
-    shifted = _class_offset(boxes.astype(np.float64), classes)[order]
+    if order.size < 2:
+        return order[:max_keep]
+    ranked = _class_offset(boxes.astype(np.float64), classes)[order]
+    areas = _areas(ranked)
     keep: list[int] = []
-    alive = np.ones(order.shape[0], bool)
-    pos = 0
-    while len(keep) < max_keep:
-        remaining = np.flatnonzero(alive[pos:])
-        if remaining.size == 0:
-            break
-        pos += int(remaining[0])
-        keep.append(int(order[pos]))
-        alive[pos] = False
-        rest = np.flatnonzero(alive)
+    rest = np.arange(order.size)
+    while rest.size and len(keep) < max_keep:
+        top = rest[0]
+        keep.append(int(order[top]))
+        rest = rest[1:]
         if rest.size:
-            alive[rest[iou_one_to_many(shifted[pos], shifted[rest]) > iou_threshold]] = False
+            rest = rest[iou_one_to_many(ranked[top], ranked[rest], areas[rest]) <= iou_threshold]
     return np.asarray(keep, np.int64)
 
 
-def weighted_nms(boxes: NDArray[Any], scores: NDArray[Any], extra: NDArray[Any], iou_threshold: float,
-                 max_keep: int) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]:
+def weighted_nms(data: NDArray[Any], scores: NDArray[Any], iou_threshold: float, max_keep: int
+                 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """MediaPipe's blending NMS: each kept box is the score-weighted mean of the boxes it suppressed.
 
-    ``extra`` (``[N, E]``, e.g. keypoints) is averaged the same way. Returns
-    (indices of the leading boxes, blended boxes, their scores, blended extra);
-    a cluster's score is its best box's score.
+    ``data`` is ``[N, 4 + E]``: corner boxes, then values blended the same way
+    (keypoints). Returns (indices of the leading boxes, blended rows, their
+    scores); a cluster's score is its best box's score.
     """
     order = np.argsort(-scores, kind="stable")
-    boxes64, extra64 = boxes.astype(np.float64)[order], extra.astype(np.float64)[order]
-    ranked = scores.astype(np.float64)[order]
+    if order.size < 2:
+        order = order[:max_keep]
+        return order, data[order].astype(np.float64), scores[order].astype(np.float64)
+    ranked = data.astype(np.float64)[order]
+    weights_all = scores.astype(np.float64)[order]
+    areas = _areas(ranked)
     lead: list[int] = []
-    out_boxes: list[NDArray[Any]] = []
-    out_scores: list[float] = []
-    out_extra: list[NDArray[Any]] = []
-    alive = np.ones(order.shape[0], bool)
-    while len(lead) < max_keep:
-        rest = np.flatnonzero(alive)
-        if rest.size == 0:
-            break
+    rows: list[NDArray[Any]] = []
+    rest = np.arange(order.size)
+    while rest.size and len(lead) < max_keep:
         top = rest[0]
-        cluster = rest[iou_one_to_many(boxes64[top], boxes64[rest]) > iou_threshold]
-        cluster = cluster if cluster.size else np.asarray([top])
-        alive[cluster] = False
-        alive[top] = False
-        weights = ranked[cluster]
+        near = iou_one_to_many(ranked[top, :4], ranked[rest, :4], areas[rest]) > iou_threshold
+        near[0] = True  # a degenerate (zero-area) best box still leads its own cluster
+        cluster = rest[near]
+        rest = rest[~near]
+        weights = weights_all[cluster]
         total = float(weights.sum())
         lead.append(int(order[top]))
-        out_scores.append(float(ranked[top]))
-        if total > 0:
-            out_boxes.append(weights @ boxes64[cluster] / total)
-            out_extra.append(weights @ extra64[cluster] / total)
-        else:
-            out_boxes.append(boxes64[top])
-            out_extra.append(extra64[top])
-    width = extra.shape[1] if extra.ndim == 2 else 0
-    return (np.asarray(lead, np.int64), np.asarray(out_boxes, np.float64).reshape(-1, 4),
-            np.asarray(out_scores, np.float64), np.asarray(out_extra, np.float64).reshape(-1, width))
+        rows.append(weights @ ranked[cluster] / total if total > 0 else ranked[top])
+    leads = np.asarray(lead, np.int64)
+    return leads, np.asarray(rows, np.float64).reshape(-1, data.shape[1]), scores.astype(np.float64)[leads]
