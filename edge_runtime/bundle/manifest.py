@@ -20,6 +20,7 @@ from edge_runtime.errors import ManifestError
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "INTERPOLATIONS",
     "NAME_PATTERN",
     "FileEntry",
     "Gates",
@@ -41,6 +42,7 @@ DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "i
 LAYOUTS = ("NCHW", "NHWC", "")
 RESIZE_MODES = ("stretch", "letterbox", "letterbox_pad_first", "letterbox_top_left", "none")
 COLOR_ORDERS = ("rgb", "bgr", "gray")
+INTERPOLATIONS = ("linear", "area")
 POSTPROCESS_TYPES = ("raw", "classification", "detection", "segmentation")
 ACTIVATIONS = ("none", "softmax", "sigmoid")
 
@@ -111,6 +113,8 @@ class Preprocess:
     colour conversion and resize, then laid out and cast to ``dtype``.
     ``size`` is (height, width) and is only needed when the model's spatial
     dimensions are dynamic. Empty ``layout``/``dtype`` mean "as the input tensor".
+    ``interpolation`` is OpenCV's resize filter: ``linear`` (bilinear) or
+    ``area`` (pixel averaging: no aliasing when a camera frame shrinks many times).
     """
 
     input: str = ""
@@ -123,6 +127,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     letterbox_fill: int = 0
+    interpolation: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,8 @@ class Manifest:
             spec["shape"] = [-1 if d is None else d for d in spec["shape"]]
         if doc["preprocess"] is None:
             del doc["preprocess"]
+        elif doc["preprocess"]["interpolation"] == "linear":  # the default stays unwritten: older runtimes read it
+            del doc["preprocess"]["interpolation"]
         for head in ("detection", "segmentation"):  # absent, so older runtimes still read other manifests
             if doc["postprocess"][head] is None:
                 del doc["postprocess"][head]

@@ -15,6 +15,7 @@ from edge_runtime.bundle.manifest import (
     COLOR_ORDERS,
     DTYPES,
     FORMATS,
+    INTERPOLATIONS,
     LAYOUTS,
     MAX_FILES,
     NAME_PATTERN,
@@ -145,6 +146,7 @@ def _preprocess(obj: object) -> Preprocess:
         mean=f.floats("mean", (0.0,)),
         std=f.floats("std", (1.0,)),
         letterbox_fill=f.int_("letterbox_fill", 0, 0, 255),
+        interpolation=f.str_("interpolation", "linear", INTERPOLATIONS),
     )
     f.finish()
     if any(s == 0 for s in pre.std):

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime._util.strict_text import parse_decimal
-from edge_runtime.bundle.manifest import COLOR_ORDERS, RESIZE_MODES, Preprocess
+from edge_runtime.bundle.manifest import COLOR_ORDERS, INTERPOLATIONS, RESIZE_MODES, Preprocess
 from edge_runtime.cli.common import Context, emit, verb_parser
 from edge_runtime.cli.pack_spec import SpecFile, load_spec
 from edge_runtime.devtools.benchmark import BenchResult, bare_runner, compare, random_feeds
@@ -55,6 +55,7 @@ def _preprocess(args: argparse.Namespace, spec: SpecFile) -> Preprocess | None:
     # load_spec does not check [preprocess] values (bundle pack does, via the manifest), and the
     # Preprocessor would silently treat an unknown resize mode as letterbox: refuse them here.
     checks = (("resize", pre.resize, RESIZE_MODES), ("color", pre.color, COLOR_ORDERS),
+              ("interpolation", pre.interpolation, INTERPOLATIONS),
               ("layout", pre.layout, ("", "NCHW", "NHWC")))
     for key, value, allowed in checks:
         if value not in allowed:

@@ -261,12 +261,13 @@ class Preprocessor:
         h, w = image.shape[:2]
         mode = self.spec.resize
         size = (self.width, self.height)
+        interpolation = cv2.INTER_AREA if self.spec.interpolation == "area" else cv2.INTER_LINEAR
         if (h, w) == (self.height, self.width):
             return image, Placement.identity(w, h)
         if mode == "none":
             raise InputError(f"image is {w}x{h}, the model needs {self.width}x{self.height} (resize = none)")
         if mode == "stretch":
-            return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), Placement(
+            return cv2.resize(image, size, interpolation=interpolation), Placement(
                 (w, h), size, self.width / w, self.height / h)
         fill = self.spec.letterbox_fill
         if mode in ("letterbox_top_left", "letterbox_pad_first"):
@@ -278,11 +279,11 @@ class Preprocessor:
             padded = cv2.copyMakeBorder(image, top, canvas_h - h - top, left, canvas_w - w - left,
                                         cv2.BORDER_CONSTANT, value=(fill, fill, fill))
             sx, sy = self.width / canvas_w, self.height / canvas_h
-            return cv2.resize(padded, size, interpolation=cv2.INTER_LINEAR), Placement(
+            return cv2.resize(padded, size, interpolation=interpolation), Placement(
                 (w, h), size, sx, sy, left * sx, top * sy)
         scale = min(self.width / w, self.height / h)
         new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
         pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
         canvas = cv2.copyMakeBorder(
             resized, pad_y, self.height - new_h - pad_y, pad_x, self.width - new_w - pad_x,
