@@ -16,6 +16,8 @@ from edge_runtime.runtime.preprocess import Placement
 
 __all__ = ["SegmentationHead", "encode_mask_png"]
 
+_MAX_CLASS = 65535  # class indices fit a 16-bit PNG
+
 
 def encode_mask_png(mask: NDArray[Any]) -> bytes:
     """PNG bytes of a 2-D mask (uint8 as is; larger class indices as 16-bit).
@@ -98,8 +100,8 @@ class SegmentationHead:
             plane = np.moveaxis(item, -1, 0) if spec.mode == "argmax" else item[..., 0]
         if spec.mode == "argmax" and plane.ndim == 3:
             mask = np.argmax(plane, axis=0).astype(np.int64)
-        elif spec.mode == "argmax":  # an already-arg-maxed class map
-            mask = np.rint(plane).astype(np.int64)
+        elif spec.mode == "argmax":  # an already-arg-maxed class map: a broken one must not size bincount
+            mask = np.rint(np.clip(np.nan_to_num(plane.astype(np.float64)), 0, _MAX_CLASS)).astype(np.int64)
         else:
             values = plane.astype(np.float32, copy=False)
             if spec.activation == "sigmoid":
