@@ -122,6 +122,10 @@ class InputError(EdgeRuntimeError):
     """An input (image, tensor, request, payload) is malformed or too large."""
 
 
+class UsageError(EdgeRuntimeError):
+    """A command was asked for something its inputs cannot give (e.g. a picture of a classifier's result)."""
+
+
 class BusyError(EdgeRuntimeError):
     """A sound input waited too long for a shared budget (image decode memory); retrying later can work."""
 
