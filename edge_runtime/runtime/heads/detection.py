@@ -89,7 +89,13 @@ class DetectionHead:
             boxes, scores = ssd_outputs(spec, outputs)
             self.names = (boxes.name, scores.name)
             self.anchors = generate_anchors(spec.anchors, input_hw)
-            self._gain, self._offset = self._ssd_tables()
+            gain, offset = self._ssd_tables()
+            self._table = np.stack([gain, offset], axis=1)  # one gather per call, not two
+            # (cx, cy, w, h, keypoints...) @ corners = (x1, y1, x2, y2, keypoints...): one matmul, in float64.
+            width = gain.shape[1]
+            self._corners = np.eye(width, dtype=np.float64)
+            self._corners[:4, :4] = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]])
+            self._logit = self._logit_threshold()
         elif spec.layout == "yolo":
             self.names = (spec.boxes or outputs[0].name,)
         else:
@@ -166,7 +172,7 @@ class DetectionHead:
 
     def _ssd(self, raw_boxes: NDArray[Any], raw_scores: NDArray[Any]) -> Candidates:
         spec = self.spec
-        width = self._gain.shape[1]
+        width = self._table.shape[2]
         if raw_boxes.ndim != 2 or raw_boxes.shape[0] != self.anchors.shape[0] or raw_scores.shape[0] != \
                 raw_boxes.shape[0] or raw_boxes.shape[1] < width:
             raise InferenceError(f"ssd head gave boxes {list(raw_boxes.shape)} and scores "
@@ -175,20 +181,24 @@ class DetectionHead:
         if flat.shape[1] == 1:
             # Sigmoid is monotonic: threshold the logits, activate only the candidates.
             logits = flat[:, 0]
-            hit = np.flatnonzero(logits >= self._logit_threshold()) if spec.score_activation == "sigmoid" \
-                else np.flatnonzero(_activate(logits, spec.score_activation, spec.score_clip) >= spec.score_threshold)
-            best = _activate(logits[hit], spec.score_activation, spec.score_clip)
+            if spec.score_activation == "sigmoid" and self._logit > -np.inf:
+                hit = np.flatnonzero(logits >= self._logit)
+                # Every candidate's logit is >= the threshold's, so exp(-x) cannot overflow.
+                kept = logits[hit].astype(np.float64)
+                best = 1.0 / (1.0 + np.exp(-(np.minimum(kept, spec.score_clip) if spec.score_clip > 0 else kept)))
+            else:
+                activated = _activate(logits, spec.score_activation, spec.score_clip)
+                hit = np.flatnonzero(activated >= spec.score_threshold)
+                best = activated[hit]
             classes = np.zeros(hit.size, np.int64)
         else:
             scores, cls = _best_class(_activate(flat, spec.score_activation, spec.score_clip))
             hit = np.flatnonzero(scores >= spec.score_threshold)
             best, classes = scores[hit], cls[hit]
-        values = (raw_boxes[hit, :width] * self._gain[hit] + self._offset[hit]).astype(np.float64)
-        half = values[:, 2:4] * 0.5
-        centre = values[:, :2].copy()
-        values[:, :2] -= half
-        values[:, 2:4] = centre + half
-        return Candidates(values, best.astype(np.float64), classes)
+        table = self._table[hit]
+        raw = raw_boxes[hit] if raw_boxes.shape[1] == width else raw_boxes[hit, :width]
+        values = (raw * table[:, 0] + table[:, 1]) @ self._corners
+        return Candidates(values, best.astype(np.float64, copy=False), classes)
 
     def _logit_threshold(self) -> float:
         t = self.spec.score_threshold
@@ -234,9 +244,8 @@ class DetectionHead:
 
     def _suppress(self, c: Candidates) -> Candidates:
         spec = self.spec
-        finite = np.isfinite(c.data).all(axis=1) & np.isfinite(c.scores)
-        if not finite.all():  # a NaN box would poison every IoU it meets
-            c = c.take(np.flatnonzero(finite))
+        if not np.isfinite(c.data.sum() + c.scores.sum()):  # a NaN box would poison every IoU it meets
+            c = c.take(np.flatnonzero(np.isfinite(c.data).all(axis=1) & np.isfinite(c.scores)))
         if spec.layout == "decoded" or spec.nms == "none":
             return c.take(np.argsort(-c.scores, kind="stable")[: spec.max_detections])
         if spec.nms == "weighted":
@@ -257,8 +266,8 @@ class DetectionHead:
         pairs = data.shape[1] // 2
         rows = np.round(np.minimum(np.maximum(data, 0.0), size * pairs), 2).tolist()
         detections = []
-        for row, score, cls in zip(rows, np.round(c.scores, 6).tolist(), c.classes.tolist(), strict=True):
-            entry: dict[str, Any] = {"box": row[:4], "score": score, "class": cls}
+        for row, score, cls in zip(rows, c.scores.tolist(), c.classes.tolist(), strict=True):
+            entry: dict[str, Any] = {"box": row[:4], "score": round(score, 6), "class": cls}
             label_index = cls + self.spec.label_offset
             if 0 <= label_index < len(self.labels):
                 entry["label"] = self.labels[label_index]

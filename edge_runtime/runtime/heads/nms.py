@@ -15,21 +15,26 @@ from numpy.typing import NDArray
 __all__ = ["hard_nms", "iou_one_to_many", "weighted_nms"]
 
 
-def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any], areas: NDArray[Any] | None = None) -> NDArray[Any]:
+def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any], areas: NDArray[Any] | None = None,
+                    area: float | None = None) -> NDArray[Any]:
     """IoU of one ``[4]`` corner box (x1, y1, x2, y2) with each of ``[N, 4]``; 0 where the union is empty.
 
-    ``areas`` (of ``boxes``) may be passed in when computed once for many calls.
+    ``areas`` (of ``boxes``) and ``area`` (of ``box``) may be passed in when computed once for many calls.
     """
     if areas is None:
         areas = _areas(boxes)
-    inter = np.maximum(np.minimum(box[2:4], boxes[:, 2:4]) - np.maximum(box[:2], boxes[:, :2]), 0.0).prod(axis=1)
-    union = _areas(box[None])[0] + areas - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+    if area is None:
+        area = float(_areas(box[None])[0])
+    wh = np.maximum(np.minimum(box[2:4], boxes[:, 2:4]) - np.maximum(box[:2], boxes[:, :2]), 0.0)
+    inter = wh[:, 0] * wh[:, 1]  # not .prod(axis=1): a reduction costs more than a multiply on a few rows
+    # An empty union has an empty intersection too: 0 / tiny = 0, without an errstate context per call.
+    iou: NDArray[Any] = inter / np.maximum(areas + (area - inter), 1e-12)
+    return iou
 
 
 def _areas(boxes: NDArray[Any]) -> NDArray[Any]:
-    areas: NDArray[Any] = np.maximum(boxes[:, 2:4] - boxes[:, :2], 0.0).prod(axis=1)
+    wh = np.maximum(boxes[:, 2:4] - boxes[:, :2], 0.0)
+    areas: NDArray[Any] = wh[:, 0] * wh[:, 1]
     return areas
 
 
@@ -52,16 +57,18 @@ def hard_nms(boxes: NDArray[Any], scores: NDArray[Any], iou_threshold: float, ma
     order = np.argsort(-scores, kind="stable")
     if order.size < 2:
         return order[:max_keep]
-    ranked = _class_offset(boxes.astype(np.float64), classes)[order]
+    ranked = _class_offset(np.asarray(boxes, np.float64), classes)[order]
     areas = _areas(ranked)
     keep: list[int] = []
-    rest = np.arange(order.size)
-    while rest.size and len(keep) < max_keep:
-        top = rest[0]
+    alive = np.ones(order.size, bool)
+    top = 0
+    while len(keep) < max_keep:
         keep.append(int(order[top]))
-        rest = rest[1:]
-        if rest.size:
-            rest = rest[iou_one_to_many(ranked[top], ranked[rest], areas[rest]) <= iou_threshold]
+        alive &= iou_one_to_many(ranked[top], ranked, areas, float(areas[top])) <= iou_threshold
+        alive[top] = False
+        top = int(np.argmax(alive))
+        if not alive[top]:
+            break
     return np.asarray(keep, np.int64)
 
 
@@ -76,22 +83,26 @@ def weighted_nms(data: NDArray[Any], scores: NDArray[Any], iou_threshold: float,
     order = np.argsort(-scores, kind="stable")
     if order.size < 2:
         order = order[:max_keep]
-        return order, data[order].astype(np.float64), scores[order].astype(np.float64)
-    ranked = data.astype(np.float64)[order]
-    weights_all = scores.astype(np.float64)[order]
-    areas = _areas(ranked)
+        return order, np.asarray(data, np.float64)[order], np.asarray(scores, np.float64)[order]
+    ranked = np.asarray(data, np.float64)[order]
+    weights_all = np.asarray(scores, np.float64)[order]
+    boxes = ranked[:, :4]
+    areas = _areas(boxes)
     lead: list[int] = []
     rows: list[NDArray[Any]] = []
-    rest = np.arange(order.size)
-    while rest.size and len(lead) < max_keep:
-        top = rest[0]
-        near = iou_one_to_many(ranked[top, :4], ranked[rest, :4], areas[rest]) > iou_threshold
-        near[0] = True  # a degenerate (zero-area) best box still leads its own cluster
-        cluster = rest[near]
-        rest = rest[~near]
-        weights = weights_all[cluster]
+    alive = np.ones(order.size, bool)
+    top = 0
+    while len(lead) < max_keep:
+        near = iou_one_to_many(boxes[top], boxes, areas, float(areas[top])) > iou_threshold
+        near &= alive
+        near[top] = True  # a degenerate (zero-area) best box still leads its own cluster
+        alive &= ~near
+        weights = weights_all[near]
         total = float(weights.sum())
         lead.append(int(order[top]))
-        rows.append(weights @ ranked[cluster] / total if total > 0 else ranked[top])
+        rows.append(weights @ ranked[near] / total if total > 0 else ranked[top])
+        top = int(np.argmax(alive))
+        if not alive[top]:
+            break
     leads = np.asarray(lead, np.int64)
-    return leads, np.asarray(rows, np.float64).reshape(-1, data.shape[1]), scores.astype(np.float64)[leads]
+    return leads, np.asarray(rows, np.float64).reshape(-1, data.shape[1]), np.asarray(scores, np.float64)[leads]
