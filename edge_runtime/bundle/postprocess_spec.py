@@ -143,6 +143,11 @@ class Segmentation:
     threshold: float = 0.5
 
 
+def _dims(shape: Sequence[int | None]) -> str:
+    """A shape as manifests write it: -1 for a dynamic dimension."""
+    return str([-1 if d is None else d for d in shape])
+
+
 def _calc_scale(min_scale: float, max_scale: float, index: int, count: int) -> float:
     if count == 1:
         return (min_scale + max_scale) / 2
@@ -291,7 +296,7 @@ def _check_ssd(det: Detection, outputs: Sequence[TensorSpec], input_hw: tuple[in
     hw = tuple(det.anchors.input_size) or input_hw
     if len(boxes.shape) != 3 or len(scores.shape) not in (2, 3):
         raise _bad("boxes", f"{boxes.name!r} must be [1, anchors, 4 + 2 x keypoints] and scores [1, anchors(, "
-                            f"classes)]; got {list(boxes.shape)} and {list(scores.shape)}")
+                            f"classes)]; got {_dims(boxes.shape)} and {_dims(scores.shape)}")
     count = boxes.shape[1]
     if hw is not None and count is not None:
         want = ssd_anchor_count(det.anchors, (int(hw[0]), int(hw[1])))
@@ -319,19 +324,19 @@ def yolo_classes(det: Detection, shape: tuple[int | None, ...]) -> int:
         ManifestError: not 3-D, or no axis can hold the declared classes.
     """
     if len(shape) != 3:
-        raise _bad("boxes", f"a yolo head must be [1, 4+C, N] or [1, N, 4+C], got {list(shape)}")
+        raise _bad("boxes", f"a yolo head must be [1, 4+C, N] or [1, N, 4+C], got {_dims(shape)}")
     extra = 4 + int(det.objectness)
     a, b = shape[1], shape[2]
     if det.num_classes:
         if extra + det.num_classes in (a, b):
             return det.num_classes
         raise _bad("num_classes", f"is {det.num_classes}, so a box has {extra + det.num_classes} values, "
-                                  f"but the head is {list(shape)}")
+                                  f"but the head is {_dims(shape)}")
     if a is None or b is None:
         return 0
     classes = min(a, b) - extra
     if classes < 1:
-        raise _bad("layout", f"a yolo head of {list(shape)} has no room for class scores")
+        raise _bad("layout", f"a yolo head of {_dims(shape)} has no room for class scores")
     return classes
 
 
@@ -358,7 +363,7 @@ def check_segmentation(seg: Segmentation, outputs: Sequence[TensorSpec]) -> None
     if spec is None:
         raise ManifestError(f"{where}.output {seg.output!r} is not an output of the model")
     if len(spec.shape) not in (3, 4):
-        raise ManifestError(f"{where}: output {spec.name!r} must be [1, H, W] or 4-D, got {list(spec.shape)}")
+        raise ManifestError(f"{where}: output {spec.name!r} must be [1, H, W] or 4-D, got {_dims(spec.shape)}")
     if seg.mode == "threshold" and len(spec.shape) == 4:
         channels = segmentation_channels(seg, spec.shape)
         if channels not in (None, 1):

@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime._util.strict_text import load_json
 from edge_runtime.bundle.manifest import Manifest, TensorSpec
+from edge_runtime.bundle.postprocess_spec import check_detection
 from edge_runtime.bundle.reader import inspect_bundle, read_bundle
 from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
 from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
@@ -20,6 +22,7 @@ from edge_runtime.cli.tools_cmd import golden_from_dir, golden_parser, write_gol
 from edge_runtime.errors import ConfigError, InputError, ManifestError
 from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import BackendOptions, TensorInfo
+from edge_runtime.runtime.postprocess import parse_labels
 
 __all__ = ["SpecFile", "load_spec", "register"]
 
@@ -53,12 +56,23 @@ def build_bundle_spec(args: argparse.Namespace, spec: SpecFile) -> BundleSpec:
     if spec.labels is not None:
         extra["labels.txt"] = spec.labels
         post = dataclasses.replace(post, labels="labels.txt")
+        if post.detection is not None:  # the manifest cannot see the file: check its length here, as devices do
+            check_detection(post.detection, outputs, None, len(_read_labels(spec.labels)))
     golden = tuple(GoldenSource(Path(i), Path(e), spec.golden_rtol, spec.golden_atol) for i, e in args.golden)
     return BundleSpec(
         name=args.name, version=args.version, format=fmt, model=args.model, inputs=inputs, outputs=outputs,
         preprocess=spec.preprocess, postprocess=post, extra_files=extra, golden=golden, gates=spec.gates,
         requires=spec.requires, reference=spec.reference, expires=spec.expires,
     )
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        return parse_labels(read_capped(path, 8 << 20, follow_symlinks=True))
+    except CappedReadError as e:
+        raise ManifestError(f"labels file {path} is larger than {e.limit} bytes") from e
+    except OSError as e:
+        raise ManifestError(f"labels file {path}: cannot read: {e.strerror or e}") from e
 
 
 def _summary(manifest: Manifest) -> dict[str, Any]:
