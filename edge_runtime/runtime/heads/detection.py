@@ -244,8 +244,9 @@ class DetectionHead:
 
     def _suppress(self, c: Candidates) -> Candidates:
         spec = self.spec
-        if not np.isfinite(c.data.sum() + c.scores.sum()):  # a NaN box would poison every IoU it meets
-            c = c.take(np.flatnonzero(np.isfinite(c.data).all(axis=1) & np.isfinite(c.scores)))
+        finite = np.isfinite(c.data).all(axis=1) & np.isfinite(c.scores)
+        if not finite.all():  # a NaN box would poison every IoU it meets
+            c = c.take(np.flatnonzero(finite))
         if spec.layout == "decoded" or spec.nms == "none":
             return c.take(np.argsort(-c.scores, kind="stable")[: spec.max_detections])
         if spec.nms == "weighted":
