@@ -20,7 +20,7 @@ import re
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_runtime import __version__
 from edge_runtime.api.codec import (
@@ -287,7 +287,7 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
             content_type = self.headers.get_content_type()
             # A slot emptied after _serving looked (daemon stopping) raises ModelNotLoadedError: 503.
             if not binary and (content_type in _IMAGE_TYPES or (content_type in _NPY_TYPES and is_npy(body))):
-                served, prediction = self.context.service.predict_bytes(name, body)
+                served, prediction = self.context.service.predict_bytes(name, body, with_mask=self._mask_asked())
                 _check_version(name, version, served)
                 response: tuple[bytes, str, dict[str, str]] = (encode_prediction(name, served, prediction),
                                                                _JSON, {})
@@ -300,6 +300,17 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         # Written once the slot is free: a client that sends its next request the moment this
         # reply arrives must not be told the server is busy with this one.
         self._send(200, *response)
+
+    def _mask_asked(self) -> bool:
+        """``?mask=png`` on a raw image request: the segmentation mask comes back as base64 PNG."""
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"mask"})
+        if unknown:
+            raise InputError(f"unknown query parameter {unknown[0]!r} (only mask=png)")
+        values = query.get("mask", [])
+        if values and values != ["png"]:
+            raise InputError(f"mask={values[0]!r}: the only mask format is png")
+        return bool(values)
 
     def _tensors(self, name: str, version: str | None, model: LoadedModel, body: bytes,
                  ) -> tuple[bytes, str, dict[str, str]]:

@@ -80,13 +80,17 @@ class InferenceService:
             raise ModelNotServedError(name, tuple(sorted(self.slots)))
         return slot
 
-    def predict_bytes(self, name: str, data: bytes) -> tuple[int, Prediction]:
-        """Image (JPEG/PNG) or .npy bytes -> (version, prediction)."""
-        return self._run(name, lambda m: m.predict_bytes(data))
+    def predict_bytes(self, name: str, data: bytes, *, with_mask: bool = False) -> tuple[int, Prediction]:
+        """Image (JPEG/PNG) or .npy bytes -> (version, prediction); ``with_mask`` adds a segmentation's PNG."""
+        return self._counted(name, self._run(name, lambda m: m.predict_bytes(data, with_mask=with_mask)))
 
     def predict_image(self, name: str, image: NDArray[Any]) -> tuple[int, Prediction]:
         """A decoded BGR frame -> (version, prediction)."""
-        return self._run(name, lambda m: m.predict_image(image))
+        return self._counted(name, self._run(name, lambda m: m.predict_image(image)))
+
+    def _counted(self, name: str, served: tuple[int, Prediction]) -> tuple[int, Prediction]:
+        self.metrics.detections.observe(name, served[1].results)  # detectors: per-frame counts and scores
+        return served
 
     def infer(self, name: str, feeds: Mapping[str, NDArray[Any]]) -> tuple[int, dict[str, NDArray[Any]]]:
         """Raw tensors -> (version, raw outputs); feeds are cast/quantised to fit."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.telemetry.detection_stats import DetectionStats
+
 __all__ = ["LATENCY_BUCKETS_MS", "Metrics", "ModelStats"]
 
 LATENCY_BUCKETS_MS = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0)
@@ -57,6 +59,7 @@ class Metrics:
         self._stalls: collections.Counter[str] = collections.Counter()
         self._progress_age: dict[str, float] = {}  # pipeline -> seconds since it last made progress
         self._api_progress_age: float | None = None
+        self.detections = DetectionStats()
         self.started = clock()
 
     def _model(self, name: str) -> ModelStats:
@@ -147,6 +150,7 @@ class Metrics:
                        fps=round(len(recent) / min(window_s, max(now - self.started, 1e-3)), 3))
         else:
             out.update(p50_ms=None, p95_ms=None, p99_ms=None, fps=0.0)
+        out.update(self.detections.summary(model))
         return out
 
     def snapshot(self) -> dict[str, Any]:
@@ -194,6 +198,7 @@ class Metrics:
                 lines.append(f'edge_inference_latency_seconds_bucket{{model="{_esc(n)}",le="{le}"}} {cumulative}')
             lines.append(f'edge_inference_latency_seconds_sum{{model="{_esc(n)}"}} {total / 1000.0:.9f}')
             lines.append(f'edge_inference_latency_seconds_count{{model="{_esc(n)}"}} {count}')
+        lines += self.detections.prometheus_lines(_esc)
         family("edge_frames_dropped_total", "counter", "Frames dropped because inference was busy.")
         lines += [f'edge_frames_dropped_total{{pipeline="{_esc(p)}"}} {v}' for p, v in sorted(drops.items())]
         family("edge_source_errors_total", "counter", "Source failures (reconnects, unreadable inputs).")
