@@ -1,7 +1,8 @@
 """Activation gates run on the device: golden cases and a latency budget.
 
 A candidate model must reproduce the publisher's golden outputs within the
-declared tolerances and meet ``gates.latency_ms_p95`` before it may serve.
+declared tolerances (for detectors and segmenters: the boxes and masks its head
+decodes from them, :mod:`edge_runtime.runtime.golden_heads`) and meet ``gates.latency_ms_p95`` before it may serve.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from numpy.typing import NDArray
 from edge_runtime._util.fsutil import CappedReadError, read_capped
 from edge_runtime.bundle.manifest import GoldenCase
 from edge_runtime.errors import EdgeRuntimeError, GateError, InputError
+from edge_runtime.runtime.golden_heads import compare_heads
 from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.preprocess import decode_image
 from edge_runtime.runtime.tensor_limits import is_npy, load_npz, parse_npy
@@ -85,6 +87,13 @@ def _compare(model: LoadedModel, case: GoldenCase, outputs: dict[str, NDArray[An
     expected = _load_array_file(model.directory / case.expected)
     if isinstance(expected, np.ndarray):
         expected = {model.backend.outputs[0].name: expected}
+    post = model.postprocessor
+    if post.detection is not None or post.segmentation is not None:
+        missing = sorted(set(outputs) - set(expected))
+        if missing:
+            return f"{case.input}: expected outputs lack {missing[0]!r}, which the head decodes"
+        # Decoded on both sides: boxes by IoU and score, masks by agreement (runtime/golden_heads.py).
+        return compare_heads(post, case, model.dequantized(expected), model.dequantized(outputs))
     for name, want in expected.items():
         got = outputs.get(name)
         if got is None:
