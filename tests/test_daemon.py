@@ -298,11 +298,18 @@ def test_systemd_unit_security_rating() -> None:
 def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
     from cli_helpers import cli
 
-    out = cli("demo", "--dir", tmp_path / "demo", "--listen", "127.0.0.1:0", "--exit-after", "3", timeout=300)
-    lines = [line for line in out.stdout.splitlines() if "face score" in line]
+    pictures = tmp_path / "pictures"
+    out = cli("demo", "--dir", tmp_path / "demo", "--listen", "127.0.0.1:0", "--exit-after", "3",
+              "--pictures", pictures, timeout=300)
+    assert f"every result is drawn into {pictures}" in out.stdout
+    lines = [line for line in out.stdout.splitlines() if "best score" in line]
     assert len(lines) == 3
-    scores = {line.split()[0]: float(line.split("face score")[1].split()[0]) for line in lines}
+    scores = {line.split()[0]: float(line.split("best score")[1].split()[0]) for line in lines}
     assert scores["grace_hopper.jpg"] > 0.8
+    assert "faces 1," in next(line for line in lines if line.startswith("grace_hopper.jpg "))
+    drawn = cv2.imread(str(pictures / "grace_hopper.jpg"))
+    assert drawn is not None and drawn.shape == (600, 512, 3)
+    assert f"picture: {pictures / 'grace_hopper.jpg'}" in out.stdout
 
 
 def test_sd_notify_ready_after_first_inference_watchdog_and_stopping(tmp_path: Path, keys: dict[str, Path],

