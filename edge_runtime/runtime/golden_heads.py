@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edge_runtime.bundle.manifest import GoldenCase
+from edge_runtime.runtime.heads.nms import iou_one_to_many
 from edge_runtime.runtime.postprocess import Postprocessor
 
 __all__ = ["MASK_AGREEMENT", "MATCH_IOU", "compare_heads"]
@@ -25,11 +26,7 @@ MASK_AGREEMENT = 0.99  # share of pixels whose class must agree
 
 
 def _iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(iou_one_to_many(np.asarray(a, np.float64), np.asarray([b], np.float64))[0])
 
 
 def compare_heads(post: Postprocessor, case: GoldenCase, expected: Mapping[str, NDArray[Any]],
