@@ -126,3 +126,24 @@ def _families(text: str) -> dict[tuple[str, str], float]:
             name = sample.name + (f":{sample.labels['le']}" if "le" in sample.labels else "")
             out[(name, sample.labels.get("model", ""))] = sample.value
     return out
+
+
+def test_tensor_requests_get_decoded_results_only_when_asked(server: ApiServer, zoo: Zoo) -> None:
+    from cli_helpers import face_tensor
+
+    meta = json.loads(get_text(server, "/v2/models/face"))
+    x = face_tensor(zoo("grace_hopper"))
+    request = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape), "datatype": "FP32",
+                           "data": x.ravel().tolist()}]}
+    status, raw = post(server, "/v2/models/face/infer", json.dumps(request).encode(), "application/json")
+    assert status == 200 and "results" not in raw and {o["name"] for o in raw["outputs"]} == {
+        "regressors", "classificators"}
+    status, asked = post(server, "/v2/models/face/infer",
+                         json.dumps({**request, "parameters": {"postprocess": True}}).encode(), "application/json")
+    assert status == 200 and asked["outputs"] == raw["outputs"]
+    ((face,),) = [r["detections"] for r in asked["results"]]
+    assert face["score"] > 0.8 and asked["results"][0]["image_size"] == [128, 128]  # the input's pixels
+    assert all(0 <= v <= 128 for v in face["box"])
+    status, err = post(server, "/v2/models/face/infer",
+                       json.dumps({**request, "parameters": {"postprocess": "yes"}}).encode(), "application/json")
+    assert status == 400 and "postprocess" in err["error"]

@@ -69,7 +69,9 @@ class InferRequest:
     ``binary_outputs`` those of them to return as binary data (an output's own
     ``binary_data`` wins over the request's ``binary_data_output``);
     ``binary_default`` is the request's ``binary_data_output``, for the
-    case where no outputs are listed.
+    case where no outputs are listed; ``postprocess`` (request parameter
+    ``postprocess``) asks for the bundle's decoded results too (boxes in the
+    model input's pixels), beside the raw tensors.
     """
 
     id: str | None
@@ -77,6 +79,7 @@ class InferRequest:
     outputs: tuple[str, ...] = ()
     binary_outputs: frozenset[str] = frozenset()
     binary_default: bool = False
+    postprocess: bool = False
 
 
 def _parse_header(raw: bytes | memoryview) -> dict[str, Any]:
@@ -240,7 +243,8 @@ def _decode_outputs(doc: Mapping[str, Any], request_id: str | None, feeds: dict[
         where = f"output {name!r}"
         if _flag(_parameters(entry, where), where, ("binary_data", "binary_data_output"), default):
             binary.add(name)
-    return InferRequest(request_id, feeds, tuple(names), frozenset(binary), default)
+    postprocess = _flag(_parameters(doc, "request"), "request", ("postprocess",), False)
+    return InferRequest(request_id, feeds, tuple(names), frozenset(binary), default, postprocess)
 
 
 def dumps(doc: Any) -> bytes:
@@ -257,8 +261,11 @@ def dumps(doc: Any) -> bytes:
 
 
 def encode_infer_response(model_name: str, version: int, request: InferRequest,
-                          outputs: Mapping[str, NDArray[Any]]) -> tuple[bytes, int | None]:
+                          outputs: Mapping[str, NDArray[Any]],
+                          results: list[dict[str, Any]] | None = None) -> tuple[bytes, int | None]:
     """The OIP reply body, and the JSON header's length when binary data follows it (else None).
+
+    ``results`` (the decoded results a request asked for with ``postprocess``) go under ``"results"``.
 
     Raises:
         InferenceError: the runtime did not return a requested output, returned a
@@ -286,6 +293,8 @@ def encode_infer_response(model_name: str, version: int, request: InferRequest,
     if request.id is not None:
         reply["id"] = request.id
     reply["outputs"] = entries
+    if results is not None:
+        reply["results"] = results
     header = dumps(reply)
     if not blobs:
         return header, None

@@ -323,7 +323,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
                                        max_tensor_bytes=model.limits.max_image_bytes)
         served, outputs = self.context.service.infer(name, request.inputs)
         _check_version(name, version, served)
-        reply, json_length = encode_infer_response(name, served, request, outputs)
+        # Asked for: the bundle's own decoding of these outputs (a tensor has no source image: input pixels).
+        results = model.postprocessor(model.dequantized(outputs), [None]) if request.postprocess else None
+        reply, json_length = encode_infer_response(name, served, request, outputs, results)
         if json_length is None:
             return reply, _JSON, {}
         return reply, _BINARY, {_HEADER_LENGTH: str(json_length)}
