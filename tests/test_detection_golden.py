@@ -78,3 +78,25 @@ def test_detector_golden_cases_compare_boxes(zoo: Zoo, keys: dict[str, Path], tm
     assert proc.returncode == 1
     assert "box IoU" in proc.stderr and "< 0.9 for class 0" in proc.stderr and "1/2 passed" in proc.stderr
     assert [m["active"] for m in device.models() if m["name"] == "face"] == [2]  # the harmless drift keeps serving
+
+
+def test_segmenter_golden_cases_compare_masks(zoo: Zoo, keys: dict[str, Path], tmp_path: Path) -> None:
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    page = np.full((736, 736, 3), 255, np.uint8)
+    cv2.putText(page, "golden text", (40, 360), cv2.FONT_HERSHEY_SIMPLEX, 3.0, (0, 0, 0), 8)
+    cv2.imwrite(str(golden / "page.png"), page)
+    (tmp_path / "text.toml").write_text(readme_spec("### Text segmentation"))
+    good = tmp_path / "text.bundle"
+    cli("bundle", "pack", "--model", zoo("ppocr_det"), "--name", "text", "--version", 1, "--key", keys["a"],
+        "--spec", tmp_path / "text.toml", "--golden-dir", golden, "-o", good)
+    device = make_device(tmp_path / "dev", keys)
+    assert "golden 1/1" in device.cli("models", "install", good).stdout
+
+    def erased(arrays: dict[str, np.ndarray]) -> None:  # the expected map says: no text anywhere
+        for name in arrays:
+            arrays[name][:] = 0.0
+
+    bad = rebuilt(good, keys["a"], tmp_path / "erased.bundle", edit_expected(erased), 2)
+    proc = device.cli("models", "install", bad, check=False)
+    assert proc.returncode == 1 and "mask 0 agrees on" in proc.stderr and "99% required" in proc.stderr
