@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime._util.fsutil import make_private_dir
@@ -26,7 +27,10 @@ from edge_runtime.api.server import ApiServer
 from edge_runtime.cache.instance_lock import InstanceLock
 from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import Config, PipelineConfig
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.liveness import Component, Liveness
+from edge_runtime.monitoring.monitor import Monitor
+from edge_runtime.monitoring.shadow import ShadowPlan
 from edge_runtime.pipelines.pipeline import Pipeline, SourceFactory
 from edge_runtime.pipelines.sources.base import MqttInputs, Source
 from edge_runtime.pipelines.sources.factory import build_source
@@ -71,6 +75,7 @@ class Daemon:
         self.store = ModelStore(config)
         self.service = InferenceService(self.metrics)
         self.activator = Activator(self.store, self.service, self.events, config.activation)
+        self.monitor = self._build_monitor()
         # Settings a fleet `config` command may change while running.
         self.settings = RuntimeSettings.from_config(config)
         # Built even without a channel URL: the fleet `update {url}` command uses it too.
@@ -84,8 +89,10 @@ class Daemon:
             from edge_runtime.commands.bridge import MqttBridge, resolve_device_id
 
             device = resolve_device_id(config)
+            truth = None if self.monitor is None else partial(_truth_by_pipeline, self.monitor)
             self.mqtt = MqttBridge(config, device=device, commands=self._build_commands(device), events=self.events,
-                                   settings=self.settings, versions=self.versions, metrics=self.metrics.snapshot)
+                                   settings=self.settings, versions=self.versions, metrics=self.metrics.snapshot,
+                                   truth=truth)
         self.api: ApiServer | None = None
         self.pipelines: list[Pipeline] = []
         self.components: list[Component] = []
@@ -122,7 +129,7 @@ class Daemon:
         for pipe_cfg in self.config.pipelines:  # exported from 0 before /metrics can be read, not once they start
             self.metrics.known_pipeline(pipe_cfg.name)
         if self.config.api.enabled:
-            self.api = ApiServer(self.config.api, self.service, self.metrics)
+            self.api = ApiServer(self.config.api, self.service, self.metrics, monitor=self.monitor)
             self.api.start()
             _log.info("inference API listening on %s", self.api.url)
         inputs = None
@@ -139,6 +146,7 @@ class Daemon:
                                 self._sink(pipe_cfg, source), new_source=restart)
             pipeline.start()
             self.pipelines.append(pipeline)
+        self._start_configured_shadow()
         parts: list[Component] = [self.ota] if self.mqtt is None else [self.ota, self.mqtt]
         for component in parts:
             component.start()
@@ -169,11 +177,49 @@ class Daemon:
             pipeline.stop(max(0.5, deadline - time.monotonic()))
         if self.api is not None:
             _guarded("stopping the API", self.api.stop)
+        if self.monitor is not None:
+            _guarded("stopping shadow runs", self.monitor.close)
         for slot in self.service.slots.values():
             slot.close()
         if self._ledger is not None:
             _guarded("closing the command ledger", self._ledger.close)
         self._instance.release()
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _build_monitor(self) -> Monitor | None:
+        """Drift, truth and shadow runs, hooked into every prediction (None with monitoring off)."""
+        settings = self.config.monitoring
+        if not settings.enabled:
+            return None
+
+        def rollback(name: str, version: int, reason: str) -> None:
+            def run() -> None:
+                if self.store.cache.active_version(name) == version:  # not when it was replaced meanwhile
+                    self.activator.rollback(name, reason=reason, kind="rolled_back")
+
+            # Off the caller's thread: truth arrives on the MQTT network thread or an API request.
+            threading.Thread(target=_guarded, args=(f"rolling back {name} v{version} on accuracy", run),
+                             name="accuracy-rollback", daemon=True).start()
+
+        monitor = Monitor(settings, self.events, loader=lambda n, v: self.store.load(n, v),
+                          promote=lambda n, v: self.activator.activate(n, v, reason="shadow run passed"),
+                          rollback=rollback, pipelines={p.label: p.model for p in self.config.pipelines})
+        self.service.monitor(monitor.observe)
+        self.metrics.add_section("monitoring", monitor.snapshot, monitor.prometheus_lines)
+        return monitor
+
+    def _start_configured_shadow(self) -> None:
+        shadow = self.config.monitoring.shadow
+        if self.monitor is None or not shadow.model:
+            return
+        plan = ShadowPlan(shadow.model, shadow.version, shadow.share, shadow.queue, shadow.promote_after,
+                          shadow.min_agreement)
+        try:
+            self.monitor.start_shadow(plan)
+        except EdgeRuntimeError as e:
+            _log.error("cannot start the configured shadow of %s v%s: %s", shadow.model, shadow.version,
+                       e.one_line())
 
     # ------------------------------------------------------------------ fleet commands
 
@@ -192,7 +238,8 @@ class Daemon:
             auth = CommandAuth(load_trusted_keys(mqtt.operator_keys_dir),
                                max_age_seconds=mqtt.command_max_age_seconds, nonce_store=ledger,
                                max_bytes=mqtt.max_command_bytes, max_depth=mqtt.max_json_depth)
-        handlers = DeviceCommands(self.activator, self.ota, self.store, self.settings, self.status).handlers()
+        handlers = DeviceCommands(self.activator, self.ota, self.store, self.settings, self.status,
+                                  monitor=self.monitor).handlers()
         return Dispatcher(handlers, ledger=ledger, auth=auth, signed_verbs=SIGNED_VERBS if auth else (),
                           max_bytes=mqtt.max_command_bytes, max_depth=mqtt.max_json_depth,
                           device=device, groups=mqtt.groups, max_age_seconds=mqtt.unsigned_command_max_age_seconds)
@@ -301,6 +348,10 @@ class Daemon:
             withheld = problem
             if not problem:
                 self.notifier.watchdog()
+
+
+def _truth_by_pipeline(monitor: Monitor, pipeline: str, payload: bytes) -> object:
+    return monitor.add_truth(payload, pipeline=pipeline)
 
 
 def _guarded(what: str, fn: Callable[[], object]) -> None:

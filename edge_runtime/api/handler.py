@@ -34,6 +34,7 @@ from edge_runtime.api.codec import (
 )
 from edge_runtime.config.model import ApiConfig
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelNotLoadedError
+from edge_runtime.monitoring.monitor import MAX_TRUTH_BYTES, Monitor
 from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.preprocess import is_npy
 from edge_runtime.runtime.service import InferenceService
@@ -45,7 +46,8 @@ __all__ = ["ApiRequestHandler", "HandlerContext"]
 log = logging.getLogger("edge_runtime.api.server")
 _access = logging.getLogger("edge_runtime.api.server.access")
 
-_MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?")
+_MODEL_PATH = re.compile(
+    r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer|/truth)?")
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,10 +79,12 @@ class HandlerContext:
     :meth:`wait_idle` waits on.
     """
 
-    def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics) -> None:
+    def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics,
+                 monitor: Monitor | None = None) -> None:
         self.config = config
         self.service = service
         self.metrics = metrics
+        self.monitor = monitor
         self.stopping = False
         self.inference_slots = threading.BoundedSemaphore(config.max_concurrency)
         self._cond = threading.Condition()
@@ -242,6 +246,9 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         if tail == "/infer":
             self._allow("POST")
             return self._infer(name, version)
+        if tail == "/truth":
+            self._allow("POST")
+            return self._truth(name, version)
         self._allow("GET")
         model = self._serving(name, version)
         if tail == "/ready":
@@ -329,6 +336,20 @@ class ApiRequestHandler(http.server.BaseHTTPRequestHandler):
         if json_length is None:
             return reply, _JSON, {}
         return reply, _BINARY, {_HEADER_LENGTH: str(json_length)}
+
+    def _truth(self, name: str, version: str | None) -> None:
+        """Ground truth for earlier results of ``name`` (``{"result_id", "label"|"boxes"}`` or a list of them)."""
+        monitor = self.context.monitor
+        if monitor is None:
+            raise _Reply(404, "monitoring is off on this device ([monitoring] enabled = false)")
+        self.context.service.slot(name)  # 404 for a model not served here
+        if version is not None:
+            raise _Reply(404, "truth is matched by result_id: post it to /v2/models/<name>/truth")
+        length = self._content_length()
+        if length > MAX_TRUTH_BYTES:
+            raise _Reply(413, f"truth body of {length} bytes exceeds the {MAX_TRUTH_BYTES}-byte limit")
+        outcomes = monitor.add_truth(self._read_body(length), model=name)
+        self._send(200, dumps({"model": name, "truths": outcomes}))
 
     def _content_length(self) -> int:
         """The body's length, checked before any of it is read (411/413/400)."""

@@ -45,6 +45,7 @@ from edge_runtime.api.handler import ApiRequestHandler, HandlerContext
 from edge_runtime.api.intake import Intake
 from edge_runtime.config.model import ApiConfig
 from edge_runtime.errors import ConfigError
+from edge_runtime.monitoring.monitor import Monitor
 from edge_runtime.runtime.service import InferenceService
 from edge_runtime.telemetry.metrics import Metrics
 
@@ -160,12 +161,12 @@ class ApiServer:
 
     def __init__(self, config: ApiConfig, service: InferenceService, metrics: Metrics, *,
                  idle_timeout: float = 30.0, request_timeout: float = 30.0, drain_timeout: float = 10.0,
-                 tcp_nodelay: bool = True, max_connections: int = 0) -> None:
+                 tcp_nodelay: bool = True, max_connections: int = 0, monitor: Monitor | None = None) -> None:
         self.config = config
         self.drain_timeout = drain_timeout
         self.max_connections = max_connections or config.max_connections
         self.idle_timeout, self.request_timeout, self.tcp_nodelay = idle_timeout, request_timeout, tcp_nodelay
-        self._context = HandlerContext(config, service, metrics)
+        self._context = HandlerContext(config, service, metrics, monitor)
         self._intake: Intake | None = None
         self._thread: threading.Thread | None = None
         self._address: tuple[str, int] | None = None

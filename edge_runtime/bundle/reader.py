@@ -76,6 +76,8 @@ class BundleInfo:
     signature_bytes: bytes
     signer_key_ids: tuple[str, ...]
     size: int
+    member: bytes | None = None
+    """The member asked for with ``inspect_bundle(member=...)``, when present and within its cap."""
 
     def manifest(self) -> Manifest:
         """The parsed manifest; raises ManifestError if it is invalid."""
@@ -123,8 +125,11 @@ def _read_head(reader: TarReader, limits: Limits) -> tuple[bytes, bytes]:
     return manifest_bytes, signature_bytes
 
 
-def inspect_bundle(path: Path, limits: Limits) -> BundleInfo:
+def inspect_bundle(path: Path, limits: Limits, *, member: str = "", member_cap: int = 0) -> BundleInfo:
     """Read only the manifest and signature document of a bundle, trusting nothing.
+
+    With ``member``, that payload file too (a regular file of at most
+    ``member_cap`` bytes; otherwise ``BundleInfo.member`` stays None).
 
     Raises:
         BundleError: unreadable, empty, not a tar, or truncated.
@@ -132,14 +137,21 @@ def inspect_bundle(path: Path, limits: Limits) -> BundleInfo:
         ManifestError: the first two members are not manifest.json, manifest.sig.
         SignatureError: the signature document is not strict JSON listing signatures.
     """
+    extra = None
     with _open_bundle(path, limits) as (fh, size):
-        manifest_bytes, signature_bytes = _read_head(TarReader(fh, size), limits)
+        reader = TarReader(fh, size)
+        manifest_bytes, signature_bytes = _read_head(reader, limits)
+        while member and (found := reader.next()) is not None:
+            if found.name == member:
+                if found.kind is MemberKind.REGULAR and found.size <= member_cap:
+                    extra = reader.read_all()
+                break
     doc = load_json(signature_bytes, "manifest.sig", error=SignatureError)
     try:
         key_ids = tuple(str(entry["keyid"]) for entry in doc["signatures"])
     except (KeyError, TypeError) as e:
         raise SignatureError("manifest.sig is not a signature document") from e
-    return BundleInfo(manifest_bytes, signature_bytes, key_ids, size)
+    return BundleInfo(manifest_bytes, signature_bytes, key_ids, size, extra)
 
 
 def read_bundle(

@@ -14,10 +14,12 @@ from edge_runtime._util.strict_text import load_json
 from edge_runtime.bundle.manifest import Manifest, TensorSpec
 from edge_runtime.bundle.postprocess_spec import check_detection
 from edge_runtime.bundle.reader import inspect_bundle, read_bundle
+from edge_runtime.bundle.reference_stats import MAX_REFERENCE_BYTES, parse_reference
 from edge_runtime.bundle.signing import generate_keypair, key_id, load_private_key, load_public_key, load_trusted_keys
 from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES, BundleSpec, GoldenSource, golden_inputs, pack_bundle
 from edge_runtime.cli.common import Context, emit, verb_parser
 from edge_runtime.cli.pack_spec import SpecFile, load_spec
+from edge_runtime.cli.reference_build import check_reference_file, measure_reference
 from edge_runtime.cli.tools_cmd import golden_from_dir, golden_parser, write_golden
 from edge_runtime.errors import ConfigError, InputError, ManifestError
 from edge_runtime.runtime.backends import create_backend
@@ -90,15 +92,28 @@ def _pack(ctx: Context, args: argparse.Namespace) -> int:
     keys = [load_private_key(k) for k in args.key]
     spec = load_spec(args.spec)
     golden_dir = args.golden_dir or spec.golden_dir
+    limits = ctx.config.limits
+    if args.reference is not None and spec.reference is not None:
+        raise InputError("give either --reference DIR or the spec's reference file, not both")
+    if spec.reference is not None:
+        check_reference_file(spec.reference)
+    elif spec.baseline.to_json() and args.reference is None:
+        raise InputError("the spec's [baseline] is stored in the drift reference: add --reference DIR")
     with tempfile.TemporaryDirectory(prefix="edge-runtime-golden-") as tmp:
         if golden_dir is not None:
             picked = golden_inputs(golden_dir, args.golden_cases or spec.golden_cases)
-            limits = ctx.config.limits
             args.golden = [*args.golden, *golden_from_dir(args.model, args.spec, picked, Path(tmp),
                                                           limits.max_image_bytes, limits.max_image_pixels)]
-        manifest = pack_bundle(args.output, build_bundle_spec(args, spec), keys)
+        bundle_spec = build_bundle_spec(args, spec)
+        if args.reference is not None:
+            work = Path(tmp) / "reference"
+            work.mkdir(mode=0o700)
+            measured = measure_reference(bundle_spec, keys, args.reference, spec.baseline, limits, work)
+            bundle_spec = dataclasses.replace(bundle_spec, reference=measured)
+        manifest = pack_bundle(args.output, bundle_spec, keys)
     cases = len(manifest.golden)
-    info = _summary(manifest) | {"output": str(args.output), "signatures": len(keys), "golden_cases": cases}
+    info = _summary(manifest) | {"output": str(args.output), "signatures": len(keys), "golden_cases": cases,
+                                 "reference": manifest.reference or None}
     note = "" if golden_dir is not None else (
         "; no --golden-dir: " + (f"only the {cases} --golden case(s) given" if cases else "no golden case")
         + f" (--golden-dir DIR packs {DEFAULT_GOLDEN_CASES})")
@@ -141,6 +156,14 @@ def _inspect(ctx: Context, args: argparse.Namespace) -> int:
     manifest = load_json(info.manifest_bytes, "manifest", error=ManifestError)  # strict: shown as the device reads it
     doc = {"manifest": manifest, "signer_key_ids": list(info.signer_key_ids), "size": info.size, "verified": False}
     text = json.dumps(doc["manifest"], indent=1, sort_keys=True)
+    reference = manifest.get("reference") if isinstance(manifest, dict) else None
+    if isinstance(reference, str) and reference.endswith(".json"):
+        found = inspect_bundle(args.bundle, ctx.config.limits, member=reference,
+                               member_cap=MAX_REFERENCE_BYTES).member
+        if found is None:
+            raise ManifestError(f"the manifest names {reference!r} but the bundle has no such file within the cap")
+        doc["reference"] = parse_reference(found).summary()
+        text += "\nreference (drift statistics):\n" + json.dumps(doc["reference"], indent=1, sort_keys=True)
     emit(ctx, doc, f"{text}\nsigned by (unverified): {', '.join(info.signer_key_ids)}\nsize: {info.size} bytes")
     return 0
 
@@ -168,6 +191,8 @@ def register(verbs: Any) -> None:
     p.add_argument("--golden-cases", type=int, default=0, metavar="N",
                    help=f"how many to pick evenly from --golden-dir (default: spec's golden_cases, "
                         f"{DEFAULT_GOLDEN_CASES})")
+    p.add_argument("--reference", type=Path, metavar="DIR",
+                   help="representative inputs (images, .npy): their drift statistics are signed into the bundle")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write")
     p.set_defaults(handler=_pack)
 
@@ -183,6 +208,6 @@ def register(verbs: Any) -> None:
                    help="signatures needed (default: every --key-file, else [trust] threshold)")
     p.set_defaults(handler=_verify)
 
-    p = verb_parser(sub, "inspect", "show a bundle's manifest and signer key ids (not verified)")
+    p = verb_parser(sub, "inspect", "show a bundle's manifest, drift reference and signer key ids (not verified)")
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.set_defaults(handler=_inspect)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, Requires, TensorSpec
+from edge_runtime.bundle.reference_stats import Baseline
 from edge_runtime.bundle.writer import DEFAULT_GOLDEN_CASES
 from edge_runtime.config.typed_toml import build, in_range, load_toml
 
@@ -21,6 +22,7 @@ class SpecFile:
     """``--spec SPEC.toml``: what the manifest says beyond the model file itself.
 
     ``labels`` and ``reference`` are local paths (relative to the spec file);
+    ``reference`` is a ready ``reference.json`` (``bundle pack --reference DIR`` measures one instead);
     ``inputs``/``outputs`` default to what the runtime reports for the model;
     shapes use -1 for dynamic dims.
     """
@@ -39,6 +41,8 @@ class SpecFile:
     postprocess: Postprocess = field(default_factory=Postprocess)
     gates: Gates = field(default_factory=Gates)
     requires: Requires = field(default_factory=Requires)
+    baseline: Baseline = field(default_factory=Baseline)
+    """``[baseline]`` accuracy / precision / recall measured by the publisher (stored in the reference)."""
 
 
 def load_spec(path: Path | None) -> SpecFile:

@@ -55,7 +55,7 @@ __all__ = [
     "sign_command",
 ]
 
-SIGNED_VERBS = frozenset({"update", "rollback", "pin", "unpin", "config"})
+SIGNED_VERBS = frozenset({"update", "rollback", "pin", "unpin", "config", "shadow"})
 """Verbs that must carry an operator signature when signed commands are on."""
 
 _NONCE_RE = re.compile(r"[!-~]{16,128}")

@@ -4,6 +4,7 @@
     <prefix>/<device>/telemetry        every telemetry_seconds, through the spool (seq)
     <prefix>/<device>/events           QoS 1, every lifecycle event, through the spool (seq)
     <prefix>/<device>/results/<model>  optional, rate-limited; MQTT-input results always
+    <prefix>/<device>/truth/<pipeline>  ground truth for earlier results (monitoring), not retained
     <prefix>/<device>/cmd/<verb>, <prefix>/group/<g>/cmd/<verb>, <prefix>/all/cmd/<verb>
     replies: the MQTT 5 response topic + correlation data, else <prefix>/<device>/reply/<id>
 
@@ -113,6 +114,8 @@ class Link(Protocol):
         ...
 
 
+TruthSink = Callable[[str, bytes], object]
+"""Takes ground truth: (pipeline or model name from the topic, payload); raises InputError when malformed."""
 LinkFactory = Callable[[str, tuple[str, bytes]], Link]
 """Builds the link from (client id, Last Will (topic, payload))."""
 
@@ -131,7 +134,8 @@ class MqttBridge:
     def __init__(self, config: Config, *, device: str, commands: CommandHandler, events: EventBus,
                  settings: RuntimeSettings, versions: Callable[[], dict[str, int | None]],
                  metrics: Callable[[], Mapping[str, Any]], link: LinkFactory | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, truth: TruthSink | None = None) -> None:
+        """``truth(pipeline, payload)`` takes what arrives on ``truth/<pipeline>`` (monitoring)."""
         self.mqtt = config.mqtt
         self.device = device
         self.base = f"{self.mqtt.prefix}/{self.device}"
@@ -139,6 +143,7 @@ class MqttBridge:
         self.events = events
         self._versions = versions
         self._metrics = metrics
+        self._truth = truth
         self.spool = Spool(config.state_dir / "mqtt-spool.db", max_messages=self.mqtt.spool_max_messages,
                            max_bytes=self.mqtt.spool_max_bytes)
         make_link: LinkFactory = link or (lambda client_id, will: MqttLink(self.mqtt, client_id, will=will))
@@ -169,6 +174,8 @@ class MqttBridge:
         """Subscribe to command topics, connect, start forwarding and telemetry."""
         for filt in self._command_filters():
             self.link.subscribe(filt, self._on_command_message, qos=1)
+        if self._truth is not None:
+            self.link.subscribe(f"{self.base}/truth/+", self._on_truth_message, qos=1)
         self.link.on_connect(self._on_connect)
         self.link.start()
         self.forwarder.start()
@@ -319,6 +326,20 @@ class MqttBridge:
             lane.put_nowait((verb, message))
         except queue.Full:
             self._reply(message, Reply(ok=False, message="device busy: too many commands queued", id=None))
+
+    def _on_truth_message(self, message: Message) -> None:
+        if message.retain:  # a retained truth would be matched again after every reconnect
+            _log.warning("ignored a retained message on %s: publish ground truth without retain", message.topic)
+            return
+        if len(message.payload) > self.mqtt.max_command_bytes:
+            _log.warning("ignored truth on %s: %d bytes, over the %d-byte cap", message.topic,
+                         len(message.payload), self.mqtt.max_command_bytes)
+            return
+        assert self._truth is not None
+        try:
+            self._truth(message.topic.rsplit("/", 1)[-1], message.payload)
+        except EdgeRuntimeError as e:
+            _log.warning("ignored truth on %s: %s", message.topic, e.one_line())
 
     def _command_loop(self, lane: queue.Queue[tuple[str, Message] | None]) -> None:
         while True:

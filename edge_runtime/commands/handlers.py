@@ -10,6 +10,8 @@
     unpin    {"model": str}
     config   {"<setting>": value, ...}           see runtime_settings.RuntimeSettings; all or nothing
     reload   {}                                  serve what the cache marks active (like SIGHUP)
+    shadow   {"model": str, "version": int, "share"?: 0-1, "promote_after"?: int, "min_agreement"?: 0-1}
+             run that cached version beside the active one on a share of inputs; share 0 stops it
 
 A pin freezes *automatic* updates: the OTA poller skips a pinned model (it
 calls :func:`~edge_runtime.cache.pins.pinned_version`). ``rollback`` of a pinned model is refused, naming
@@ -33,17 +35,19 @@ from edge_runtime.commands.parse import Command, Reply
 from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import in_range
 from edge_runtime.config.typed_toml import build
-from edge_runtime.errors import CommandError, ConfigError
+from edge_runtime.errors import CommandError, ConfigError, InputError
+from edge_runtime.monitoring.shadow import ShadowPlan
 
 if TYPE_CHECKING:
     from edge_runtime.cache.versions import ModelCache
+    from edge_runtime.monitoring.monitor import Monitor
     from edge_runtime.update.activation import Activator
     from edge_runtime.update.ota import UpdateResult
     from edge_runtime.update.store import ModelStore
 
 __all__ = ["MODEL_VERBS", "SIGNED_VERBS", "DeviceCommands", "Updater"]
 
-MODEL_VERBS = frozenset({"update", "rollback", "pin", "unpin", "reload"})
+MODEL_VERBS = frozenset({"update", "rollback", "pin", "unpin", "reload", "shadow"})
 """Verbs that change what serves; they may take long (a download), so the bridge runs them apart."""
 T = TypeVar("T")
 
@@ -103,6 +107,16 @@ class _PinArgs:
     version: int = field(metadata=_VERSION)
 
 
+@dataclass(frozen=True)
+class _ShadowArgs:
+    model: str = field(metadata={"check": _non_empty})
+    version: int | None = field(default=None, metadata=_VERSION)
+    share: float = field(default=0.1, metadata={"check": in_range(0.0, 1.0)})
+    queue: int = field(default=4, metadata={"check": in_range(1, 64)})
+    promote_after: int = field(default=0, metadata={"check": in_range(0, 10**9)})
+    min_agreement: float = field(default=0.95, metadata={"check": in_range(0.0, 1.0)})
+
+
 def _args(cls: type[T], command: Command) -> T:
     """Check ``command.args`` against dataclass ``cls`` with the config file's strict rules."""
     try:
@@ -120,8 +134,10 @@ class DeviceCommands:
     """
 
     def __init__(self, activator: Activator, ota: Updater, store: ModelStore, settings: RuntimeSettings,
-                 status: Callable[[], Mapping[str, Any]], *, clock: Callable[[], float] = time.time) -> None:
+                 status: Callable[[], Mapping[str, Any]], *, clock: Callable[[], float] = time.time,
+                 monitor: Monitor | None = None) -> None:
         self.activator = activator
+        self.monitor = monitor
         self.ota = ota
         self.store = store
         self.settings = settings
@@ -131,7 +147,8 @@ class DeviceCommands:
     def handlers(self) -> dict[str, Handler]:
         """verb -> handler, for :class:`Dispatcher`."""
         return {"ping": self.ping, "status": self.status, "update": self.update, "rollback": self.rollback,
-                "pin": self.pin, "unpin": self.unpin, "config": self.config, "reload": self.reload}
+                "pin": self.pin, "unpin": self.unpin, "config": self.config, "reload": self.reload,
+                "shadow": self.shadow}
 
     def ping(self, command: Command) -> Reply:
         """Answer with the command's ts and the device clock (shows skew, which signed commands care about)."""
@@ -229,6 +246,34 @@ class DeviceCommands:
         _args(_NoArgs, command)
         changed = self.activator.sync(reason=f"reload command {command.id}")
         return Reply(True, f"reloaded: {', '.join(changed) or 'nothing changed'}", data={"changed": changed})
+
+    def shadow(self, command: Command) -> Reply:
+        """Start (``share`` > 0) or stop (``share`` 0) the shadow run of a cached version of ``model``.
+
+        Raises:
+            CommandError: bad arguments, monitoring off, unknown model, a version not cached or the active one.
+            CacheError, ModelError, IntegrityError: the candidate does not load.
+        """
+        args = _args(_ShadowArgs, command)
+        if self.monitor is None:
+            raise CommandError("monitoring is off on this device ([monitoring] enabled = false)")
+        cache = self._cache_with(args.model)
+        if args.share == 0:
+            figures = self.monitor.stop_shadow(args.model, f"stopped by command {command.id}")
+            return Reply(True, f"{args.model}: shadow stopped" if figures else f"{args.model}: no shadow was running",
+                         data={"model": args.model, "shadow": figures})
+        if args.version is None:
+            raise CommandError("argument 'args.version' is required to start a shadow run")
+        if args.version not in cache.versions(args.model):
+            cached = ", ".join(f"v{v}" for v in cache.versions(args.model))
+            raise CommandError(f"{args.model} v{args.version} is not in the cache (cached: {cached})")
+        plan = ShadowPlan(args.model, args.version, args.share, args.queue, args.promote_after, args.min_agreement)
+        try:
+            figures = self.monitor.start_shadow(plan)
+        except InputError as e:
+            raise CommandError(e.one_line()) from e
+        return Reply(True, f"{args.model}: shadowing v{args.version} on {args.share:.0%} of inputs",
+                     data={"model": args.model, "shadow": figures})
 
     def _cache_with(self, model: str) -> ModelCache:
         cache = self.store.cache

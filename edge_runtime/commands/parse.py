@@ -41,7 +41,7 @@ __all__ = [
     "parse_command",
 ]
 
-VERBS = ("ping", "status", "update", "rollback", "pin", "unpin", "config", "reload")
+VERBS = ("ping", "status", "update", "rollback", "pin", "unpin", "config", "reload", "shadow")
 """Every verb of the MQTT command contract."""
 
 MAX_ID_CHARS = 128

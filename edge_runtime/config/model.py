@@ -19,6 +19,7 @@ from typing import Any
 from edge_runtime.config.checks import listen as _listen
 from edge_runtime.config.checks import url as _url
 from edge_runtime.config.liveness import LivenessConfig
+from edge_runtime.config.monitoring import MonitoringConfig
 from edge_runtime.config.typed_toml import build, in_range, load_toml
 from edge_runtime.errors import ConfigError
 
@@ -31,6 +32,7 @@ __all__ = [
     "GatesConfig",
     "Limits",
     "LivenessConfig",
+    "MonitoringConfig",
     "MqttConfig",
     "OtaConfig",
     "PipelineConfig",
@@ -257,6 +259,7 @@ class Config:
     ota: OtaConfig = field(default_factory=OtaConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     pipelines: tuple[PipelineConfig, ...] = ()
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ from numpy.typing import NDArray
 
 from edge_runtime._util.fsutil import sha256_file
 from edge_runtime.bundle.manifest import Manifest, TensorSpec
+from edge_runtime.bundle.reference_stats import MAX_REFERENCE_BYTES, ReferenceStats, parse_reference
 from edge_runtime.config.model import Limits
 from edge_runtime.errors import InputError, IntegrityError, SignatureMismatchError
 from edge_runtime.runtime.backends import create_backend
 from edge_runtime.runtime.backends.base import Backend, BackendOptions, TensorInfo, dequantize, fit_tensor
+from edge_runtime.runtime.monitor_features import FeatureExtractor
 from edge_runtime.runtime.oip_types import datatype_of
 from edge_runtime.runtime.postprocess import Postprocessor, parse_labels
 from edge_runtime.runtime.preprocess import Placement, Preprocessor, decoded_image, is_npy, load_npy
@@ -37,6 +39,10 @@ class Prediction:
 
     results: list[dict[str, Any]]
     timings_ms: dict[str, float]
+    tensor: NDArray[Any] | None = None
+    """The preprocessed input tensor (monitoring reads its features); None from callers that build their own."""
+    outputs: Mapping[str, NDArray[Any]] = field(default_factory=dict)
+    """The dequantised raw outputs the results were decoded from."""
 
 
 class LoadedModel:
@@ -57,7 +63,7 @@ class LoadedModel:
         self.limits = limits
         model_path = directory / manifest.model
         if verify_files:
-            _verify_files(manifest, directory, (manifest.model, manifest.postprocess.labels))
+            _verify_files(manifest, directory, (manifest.model, manifest.postprocess.labels, manifest.reference))
         sha = manifest.files[manifest.model].sha256
         self.backend: Backend = create_backend(manifest.format, model_path, replace(options, model_sha256=sha))
         try:
@@ -70,6 +76,10 @@ class LoadedModel:
             labels = self._read_labels()
             self.postprocessor = Postprocessor(manifest.postprocess, self.backend.outputs, labels,
                                                self._input_hw())
+            self.reference: ReferenceStats | None = self._read_reference()
+            pre = self.preprocessor
+            self.features = FeatureExtractor(self.preprocess_input.shape, pre.layout if pre else "",
+                                             manifest.postprocess, pre is not None)
         except BaseException:
             self.backend.close()
             raise
@@ -189,11 +199,12 @@ class LoadedModel:
         t1 = time.perf_counter()
         outputs = self.backend.infer(feeds)
         t2 = time.perf_counter()
-        results = self.postprocessor(self.dequantized(outputs), [placement], with_mask=with_mask)
+        deq = self.dequantized(outputs)
+        results = self.postprocessor(deq, [placement], with_mask=with_mask)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3,
                    "total": (t3 - t0) * 1e3}
-        return Prediction(results, timings)
+        return Prediction(results, timings, next(iter(feeds.values())), deq)
 
     def _pick_input(self) -> TensorInfo:
         pre = self.manifest.preprocess
@@ -210,6 +221,14 @@ class LoadedModel:
         info = self.preprocess_input
         layout = next((s.layout for s in self.manifest.inputs if s.name == info.name), "")
         return Preprocessor(pre, info.shape, layout, info.dtype, info.quantization is not None)
+
+    def _read_reference(self) -> ReferenceStats | None:
+        """The drift reference, when the bundle ships one as ``reference.json`` (other kinds are not read)."""
+        path = self.manifest.reference
+        if not path.endswith(".json"):
+            return None
+        with open(self.directory / path, "rb") as fh:
+            return parse_reference(fh.read(MAX_REFERENCE_BYTES + 1))
 
     def _read_labels(self) -> list[str]:
         path = self.manifest.postprocess.labels

@@ -21,10 +21,12 @@ from edge_runtime.runtime.loaded_model import LoadedModel, Prediction
 from edge_runtime.runtime.slot import ModelSlot
 from edge_runtime.telemetry.metrics import Metrics
 
-__all__ = ["InferenceService", "Observer"]
+__all__ = ["InferenceService", "Monitor", "Observer"]
 
 Observer = Callable[[str, int, float, bool], None]
 """``observer(model, version, latency_ms, ok)`` after every inference."""
+Monitor = Callable[[str, LoadedModel, "bytes | NDArray[Any]", Prediction], None]
+"""``monitor(name, model, input, prediction)`` after every successful image or .npy prediction; never raises."""
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class InferenceService:
         self.metrics = metrics
         self.slots: dict[str, ModelSlot] = {}
         self._observers: list[Observer] = []
+        self._monitor: Monitor | None = None
         self._first_ok = threading.Event()
 
     def add_slot(self, name: str) -> ModelSlot:
@@ -49,6 +52,10 @@ class InferenceService:
     def observe(self, fn: Observer) -> None:
         """Call ``fn`` after every inference (from the inferring thread; keep it cheap)."""
         self._observers.append(fn)
+
+    def monitor(self, fn: Monitor) -> None:
+        """Call ``fn`` after every successful prediction on an image or .npy input (drift, truth, shadow)."""
+        self._monitor = fn
 
     @property
     def ready(self) -> bool:
@@ -82,11 +89,11 @@ class InferenceService:
 
     def predict_bytes(self, name: str, data: bytes, *, with_mask: bool = False) -> tuple[int, Prediction]:
         """Image (JPEG/PNG) or .npy bytes -> (version, prediction); ``with_mask`` adds a segmentation's PNG."""
-        return self._counted(name, self._run(name, lambda m: m.predict_bytes(data, with_mask=with_mask)))
+        return self._counted(name, self._run(name, lambda m: m.predict_bytes(data, with_mask=with_mask), data))
 
     def predict_image(self, name: str, image: NDArray[Any]) -> tuple[int, Prediction]:
         """A decoded BGR frame -> (version, prediction)."""
-        return self._counted(name, self._run(name, lambda m: m.predict_image(image)))
+        return self._counted(name, self._run(name, lambda m: m.predict_image(image), image))
 
     def _counted(self, name: str, served: tuple[int, Prediction]) -> tuple[int, Prediction]:
         self.metrics.detections.observe(name, served[1].results)  # detectors: per-frame counts and scores
@@ -96,7 +103,8 @@ class InferenceService:
         """Raw tensors -> (version, raw outputs); feeds are cast/quantised to fit."""
         return self._run(name, lambda m: m.infer({k: m.to_tensor(v, k) for k, v in feeds.items()}))
 
-    def _run(self, name: str, call: Callable[[LoadedModel], T]) -> tuple[int, T]:
+    def _run(self, name: str, call: Callable[[LoadedModel], T], source: bytes | NDArray[Any] | None = None
+             ) -> tuple[int, T]:
         with self.slot(name).use() as model:
             t0 = time.perf_counter()
             try:
@@ -107,6 +115,8 @@ class InferenceService:
                 self._record(name, model.version, (time.perf_counter() - t0) * 1e3, False)
                 raise
             self._record(name, model.version, (time.perf_counter() - t0) * 1e3, True)
+            if source is not None and self._monitor is not None and isinstance(result, Prediction):
+                self._monitor(name, model, source, result)  # still inside use(): the model is not closed under it
             return model.version, result
 
     def _record(self, name: str, version: int, latency_ms: float, ok: bool) -> None:

@@ -36,6 +36,9 @@ EventKind = Literal[
     "inference_error", "inference_recovered", "model_unavailable", "model_available",
     # liveness
     "source_stalled", "worker_stalled", "stall_cleared",
+    # monitoring: drift, field accuracy, shadow runs
+    "drift", "drift_cleared", "accuracy", "accuracy_recovered",
+    "shadow_started", "shadow_passed", "shadow_failed", "shadow_stopped",
 ]
 """Every event kind edge-runtime emits; a new kind goes here and in the README's "Events" table."""
 

@@ -60,6 +60,7 @@ class Metrics:
         self._progress_age: dict[str, float] = {}  # pipeline -> seconds since it last made progress
         self._api_progress_age: float | None = None
         self.detections = DetectionStats()
+        self._sections: dict[str, tuple[Callable[[], Any], Callable[[Callable[[str], str]], list[str]]]] = {}
         self.started = clock()
 
     def _model(self, name: str) -> ModelStats:
@@ -134,6 +135,12 @@ class Metrics:
         with self._lock:
             self._events[kind] += 1
 
+    def add_section(self, key: str, snapshot: Callable[[], Any],
+                    prometheus: Callable[[Callable[[str], str]], list[str]]) -> None:
+        """A part that reports its own figures: ``snapshot()`` goes under ``key`` in :meth:`snapshot`,
+        ``prometheus(escape)`` adds its families to :meth:`render_prometheus` (monitoring uses this)."""
+        self._sections[key] = (snapshot, prometheus)
+
     # ------------------------------------------------------------------ reads
 
     def model_summary(self, model: str, window_s: float = 60.0) -> dict[str, Any]:
@@ -169,7 +176,7 @@ class Metrics:
             "stalls": stalls,
             "progress_age_s": progress,
             "uptime_s": round(self._clock() - self.started, 3),
-        }
+        } | {key: snap() for key, (snap, _) in self._sections.items()}
 
     def render_prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -213,6 +220,8 @@ class Metrics:
         if api_age is not None:
             family("edge_api_progress_age_seconds", "gauge", "Seconds since the API's serving loop last turned.")
             lines.append(f"edge_api_progress_age_seconds {api_age:.3f}")
+        for _, prometheus in self._sections.values():
+            lines += prometheus(_esc)
         family("edge_uptime_seconds", "gauge", "Seconds since the daemon started.")
         lines.append(f"edge_uptime_seconds {self._clock() - self.started:.3f}")
         return "\n".join(lines) + "\n"

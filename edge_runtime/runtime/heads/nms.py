@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["hard_nms", "iou_one_to_many", "weighted_nms"]
+__all__ = ["count_matches", "hard_nms", "iou_one_to_many", "weighted_nms"]
 
 
 def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any], areas: NDArray[Any] | None = None,
@@ -30,6 +30,27 @@ def iou_one_to_many(box: NDArray[Any], boxes: NDArray[Any], areas: NDArray[Any] 
     # An empty union has an empty intersection too: 0 / tiny = 0, without an errstate context per call.
     iou: NDArray[Any] = inter / np.maximum(areas + (area - inter), 1e-12)
     return iou
+
+
+def count_matches(boxes_a: NDArray[Any], classes_a: NDArray[Any], boxes_b: NDArray[Any],
+                  classes_b: NDArray[Any], threshold: float) -> int:
+    """How many boxes of ``a`` pair with one of ``b`` of the same class at IoU >= ``threshold``.
+
+    Greedy, best pair first, each box used once (the usual detection-metric matching).
+    """
+    if not len(boxes_a) or not len(boxes_b):
+        return 0
+    areas = _areas(boxes_b)
+    iou = np.stack([iou_one_to_many(box, boxes_b, areas) for box in boxes_a])
+    iou[classes_a[:, None] != classes_b[None, :]] = 0.0
+    matches = 0
+    while True:
+        i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+        if iou[i, j] < threshold:
+            return matches
+        matches += 1
+        iou[i, :] = 0.0
+        iou[:, j] = 0.0
 
 
 def _areas(boxes: NDArray[Any]) -> NDArray[Any]:
