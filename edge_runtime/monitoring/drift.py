@@ -13,9 +13,11 @@ about (bins - 1) / n. So the decision is the test's, and the PSI reported
 beside it comes with the threshold that matches the same false-alarm rate at
 this window size (critical value / effective sample size).
 
-Testing F features at once multiplies the chances of a false alarm, so each
-feature is tested at ``alpha / F`` (Bonferroni): at most ``alpha`` of the
-windows of unchanged data raise any drift event. A feature in drift clears
+Testing F features at once multiplies the chances of a false alarm, and so
+does testing a sliding window every ``check_every`` samples (``window /
+check_every`` tests while one window's worth of samples passes). So each test
+is made at ``alpha / (F * window / check_every)`` (Bonferroni): at most
+``alpha`` of the windows of unchanged data raise any drift event. A feature in drift clears
 only when its test is no longer significant at the lenient ``clear_alpha``
 (hysteresis: it does not flap around the threshold).
 """
@@ -100,8 +102,10 @@ class DriftMonitor:
         self._seen = 0
         self._active: set[str] = set()
         self.scores: dict[str, FeatureScore] = {}
-        tests = max(1, len(self._slots))
-        self._alpha = config.alpha / tests
+        # Bonferroni over the features and over the checks made while one window's worth of samples
+        # passes (a sliding window is tested window / check_every times): alpha per window, in all.
+        self.tests_per_window = max(1, len(self._slots)) * max(1, config.window // config.check_every)
+        self._alpha = config.alpha / self.tests_per_window
 
     @property
     def features(self) -> tuple[str, ...]:
