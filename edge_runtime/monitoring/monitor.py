@@ -208,6 +208,10 @@ class Monitor:
                [(f'model="{esc(m)}",version="{v}",metric="{k}"', value)
                 for m, versions in truth["accuracy"].items() for v, figures in versions.items()
                 for k, value in figures.items() if k in ("accuracy", "precision", "recall")])
+        family("edge_accuracy_threshold", "gauge", "The bundle's baseline minus the margin: below it, an accuracy event.",
+               [(f'model="{esc(m)}",version="{v}",metric="{k}"', line)
+                for m, versions in truth["accuracy"].items() for v, figures in versions.items()
+                for k, line in figures["thresholds"].items()])
         family("edge_truth_matched_total", "counter", "Ground truths matched to a result.", [("", truth["matched"])])
         family("edge_truth_misses_total", "counter", "Ground truths or results that found no match, by reason.",
                [(f'reason="{r}"', n) for r, n in sorted(truth["misses"].items())])

@@ -254,8 +254,11 @@ class TruthMatcher:
             models: dict[str, Any] = {}
             for (model, version), rolling in sorted(self._rolling.items()):
                 figures = {k: round(h / t, 4) for k, (h, t) in rolling.figures().items() if t}
+                base = self._baselines.get((model, version), Baseline())
+                lines = {k: round(getattr(base, k) - self.config.accuracy_margin, 4) for k in rolling.figures()
+                         if getattr(base, k) is not None}
                 models.setdefault(model, {})[str(version)] = {**figures, "truths": len(rolling.outcomes),
-                                                             "below_baseline": rolling.alarm}
+                                                             "below_baseline": rolling.alarm, "thresholds": lines}
             return {"pending": len(self._pending), "matched": self.matched, "misses": dict(self.misses),
                     "accuracy": models}
 
