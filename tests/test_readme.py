@@ -13,6 +13,7 @@ from typing import Any
 
 from edge_runtime.cli.pack_spec import SpecFile
 from edge_runtime.config.model import Config, PipelineConfig, SourceConfig
+from edge_runtime.config.monitoring import ShadowConfig
 from edge_runtime.config.typed_toml import build, parse_toml
 from edge_runtime.errors import ConfigError
 from edge_runtime.telemetry.events import EVENT_KINDS
@@ -59,8 +60,9 @@ def test_config_reference_parses_and_lists_every_key_with_its_default() -> None:
     assert config.pipelines and config.mqtt.prefix == "edge"
     hints = typing.get_type_hints(Config)
     nested = {name: cls for name, cls in hints.items() if dataclasses.is_dataclass(cls)}
-    sections: dict[str, Any] = {"": Config, **nested, "pipelines": PipelineConfig, "pipelines.source": SourceConfig}
-    structural = {*nested, "pipelines", "source"}  # tables, not keys
+    sections: dict[str, Any] = {"": Config, **nested, "pipelines": PipelineConfig, "pipelines.source": SourceConfig,
+                                "monitoring.shadow": ShadowConfig}
+    structural = {*nested, "pipelines", "source", "shadow"}  # tables, not keys
     documented = _documented_keys(text)
     assert set(documented) == set(sections), f"README config tables {sorted(documented)} != {sorted(sections)}"
     problems = []
@@ -77,7 +79,9 @@ def test_config_reference_parses_and_lists_every_key_with_its_default() -> None:
                 if fields[name].default is not None:
                     problems.append(f"{where}: {name} has a default, so show it (not commented out)")
             elif default is not None:
-                built = config if table == "" else getattr(config, table)
+                built: Any = config
+                for part in filter(None, table.split(".")):
+                    built = getattr(built, part)
                 if getattr(built, name) != getattr(default, name):
                     problems.append(f"{where}: {name} = {getattr(built, name)!r}, "
                                     f"default is {getattr(default, name)!r}")

@@ -1,0 +1,1 @@
+"""Model monitoring on the device: drift, field accuracy from ground truth, shadow runs."""

@@ -208,7 +208,7 @@ class Monitor:
                [(f'model="{esc(m)}",version="{v}",metric="{k}"', value)
                 for m, versions in truth["accuracy"].items() for v, figures in versions.items()
                 for k, value in figures.items() if k in ("accuracy", "precision", "recall")])
-        family("edge_accuracy_threshold", "gauge", "The bundle's baseline minus the margin: below it, an accuracy event.",
+        family("edge_accuracy_threshold", "gauge", "The bundle's baseline minus the margin (below: accuracy event).",
                [(f'model="{esc(m)}",version="{v}",metric="{k}"', line)
                 for m, versions in truth["accuracy"].items() for v, figures in versions.items()
                 for k, line in figures["thresholds"].items()])

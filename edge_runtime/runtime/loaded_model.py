@@ -79,7 +79,7 @@ class LoadedModel:
             self.reference: ReferenceStats | None = self._read_reference()
             pre = self.preprocessor
             self.features = FeatureExtractor(self.preprocess_input.shape, pre.layout if pre else "",
-                                             manifest.postprocess, pre is not None)
+                                             manifest.postprocess, (pre.height, pre.width) if pre else None)
         except BaseException:
             self.backend.close()
             raise
