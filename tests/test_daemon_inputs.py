@@ -99,6 +99,7 @@ def test_each_result_is_written_once_and_metrics_pass_promtool(tmp_path: Path, k
         assert serve.terminate() == 0
     results = [line for line in serve.stdout().splitlines() if '"one.jpg"' in line]
     assert len(results) == 1 and json.loads(results[0])["key"] == "one.jpg"
+    assert json.loads(results[0])["result"]["result_id"]  # ground truth for it can come later (monitoring)
     assert '"one.jpg"' not in serve.stderr()  # not a second copy on stderr (both reach the journal)
     assert os.path.exists(state / "daemon.lock")
 

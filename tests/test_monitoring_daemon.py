@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -163,3 +164,47 @@ def test_daemon_monitors_drift_truth_and_shadow_and_prometheus_answers_every_pan
     events = [e["kind"] for e in serve.events()]
     assert "shadow_stopped" in events
     assert "monitoring failed" not in serve.stderr()
+
+
+def test_fleet_shadow_command_promotes_a_candidate_that_agrees(tmp_path: Path, keys: dict[str, Path], zoo: Zoo,
+                                                               broker: Broker) -> None:
+    from test_mqtt_daemon import Operator
+
+    photo = zoo("grace_hopper")
+    ref_dir = write_images(crops(photo, 60, seed=61), tmp_path / "reference")
+    v1 = pack_with_reference(tmp_path, zoo("ppocr_cls"), keys["a"], ref_dir)
+    v2 = pack_with_reference(tmp_path, zoo("ppocr_cls"), keys["a"], ref_dir, version=2)
+    extra = f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\nreconnect_min_seconds = 0.05\n'
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"], extra=extra,
+                                       top='device_id = "dev2"\n')
+    cli("models", "install", v1, "--config", config)
+    cli("models", "install", v2, "--no-activate", "--config", config)
+    serve = Serve(config, state, port).start()
+    operator = Operator(broker)
+    try:
+        serve.wait_ready(60)
+        target = "edge/dev2"
+        refused = operator.command("shadow", {"model": "cls", "version": 7, "share": 0.5}, target=target)
+        assert not refused["ok"] and "v7 is not in the cache" in refused["message"]
+        idle = operator.command("shadow", {"model": "cls", "share": 0}, target=target)
+        assert idle["ok"] and "no shadow was running" in idle["message"]
+        started = operator.command("shadow", {"model": "cls", "version": 2, "share": 1.0, "promote_after": 10,
+                                              "min_agreement": 0.9}, target=target)
+        assert started["ok"] and started["data"]["shadow"]["candidate"] == 2, started
+        for img in crops(photo, 100, seed=62):  # paced: a shadow at the lowest priority drops what it cannot take
+            status, body = serve.request("POST", "/v2/models/cls/infer", _png(img), {"Content-Type": "image/png"})
+            assert status == 200
+            if serve.events("shadow_passed"):
+                break
+            time.sleep(0.05)
+        passed = wait_for(lambda: serve.events("shadow_passed"), 30, "the shadow run to pass")[0]
+        assert passed["samples"] == 10 and passed["agreement"] == 1.0
+        wait_for(lambda: serve.events("activated"), 60, "the candidate to be activated")
+        status, body = serve.request("POST", "/v2/models/cls/infer", _png(crops(photo, 1, seed=63)[0]),
+                                     {"Content-Type": "image/png"})
+        assert json.loads(body)["model_version"] == "2"
+        again = operator.command("shadow", {"model": "cls", "version": 2, "share": 0.5}, target=target)
+        assert not again["ok"] and "is the active version" in again["message"]
+    finally:
+        operator.close()
+        assert serve.terminate() == 0

@@ -200,3 +200,57 @@ def test_window_update_is_incremental_and_matches_a_recount(served: LoadedModel,
     assert set(scores) == set(served.features.names)
     first = monitor._slots[0][1]  # the last check was at the last value: its PSI is the window's
     assert scores[first.name]["psi"] == pytest.approx(psi(first.ref_counts, first.counts), abs=1e-4)
+
+
+def test_a_validly_signed_malformed_reference_is_refused_at_install_and_v1_keeps_serving(
+        tmp_path: Path, zoo: Zoo, keys: dict[str, Path]) -> None:
+    from edge_runtime.bundle.manifest import Postprocess, Preprocess
+    from edge_runtime.bundle.signing import load_private_key
+    from edge_runtime.bundle.writer import BundleSpec, pack_bundle
+    from edge_runtime.cli.bundle_cmd import _introspect
+
+    ref_dir = write_images(crops(zoo("grace_hopper"), 60, seed=71), tmp_path / "ref")
+    v1 = pack_with_reference(tmp_path, zoo("ppocr_cls"), keys["a"], ref_dir)
+    bad = tmp_path / "reference.json"  # signed below, but its counts do not add up to its samples
+    bad.write_text(json.dumps({"format": "edge-runtime-reference/1", "samples": 100,
+                               "features": {"image.brightness": {"kind": "numeric", "edges": [0.1],
+                                                                 "counts": [10, 10]}}}))
+    inputs, outputs = _introspect("onnx", zoo("ppocr_cls"), "")
+    spec = BundleSpec(name="cls", version=2, format="onnx", model=zoo("ppocr_cls"), inputs=inputs, outputs=outputs,
+                      preprocess=Preprocess(size=(48, 192), color="bgr", scale=1 / 255, mean=(0.5,), std=(0.5,)),
+                      postprocess=Postprocess(type="classification", top_k=2), reference=bad)
+    v2 = tmp_path / "v2.bundle"
+    pack_bundle(v2, spec, [load_private_key(keys["a"])])
+    config = tmp_path / "config.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\ntrust_dir = "{keys["trust_dir"]}"\n')
+    cli("models", "install", v1, "--config", config)
+    out = cli("models", "install", v2, "--config", config, check=False)
+    assert out.returncode != 0 and "counts add up to 20, not samples = 100" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    listed = json.loads(cli("models", "list", "--config", config, "--json").stdout)
+    assert "'active': 1" in str(listed).replace('"', "'"), listed
+
+
+def test_detector_features_count_boxes_and_score(zoo: Zoo) -> None:
+    import cv2
+
+    from edge_runtime.devtools.demo import FACE_POSTPROCESS, FACE_PREPROCESS
+    from edge_runtime.runtime.backends import create_backend
+    from edge_runtime.runtime.backends.base import BackendOptions
+    from edge_runtime.runtime.monitor_features import FeatureExtractor
+    from edge_runtime.runtime.postprocess import Postprocessor
+    from edge_runtime.runtime.preprocess import Preprocessor
+
+    backend = create_backend("tflite", zoo("face_detection"), BackendOptions())
+    info = backend.inputs[0]
+    pre = Preprocessor(FACE_PREPROCESS, info.shape, "", info.dtype, False)
+    post = Postprocessor(FACE_POSTPROCESS, backend.outputs, (), (pre.height, pre.width))
+    image = cv2.imread(str(zoo("grace_hopper")))
+    tensor, placement = pre(image)
+    outputs = backend.infer({info.name: tensor[None] if tensor.ndim == 3 else tensor})
+    result = post(outputs, [placement])[0]
+    extractor = FeatureExtractor(info.shape, pre.layout, FACE_POSTPROCESS, (pre.height, pre.width))
+    values = extractor.as_dict(tensor if tensor.ndim == 4 else tensor[None], outputs, result)
+    assert values["output.detections"] == 1 and values["output.detection_score"] > 0.8
+    assert values["image.contrast"] > 0 and "input.mean.c2" in values
+    backend.close()

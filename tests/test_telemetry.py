@@ -22,7 +22,7 @@ TOP_TYPES: dict[str, tuple[type, ...]] = {
     "temperature_c": (float, int, type(None)), "disk_free_mb": (float, int, type(None)),
     "inferences": (int,), "errors": (int,), "drops": (int,), "source_errors": (int,), "queue_depth": (int,),
     "spool_pending": (int,), "spool_pending_bytes": (int,), "spool_dropped": (int,),
-    "spool_dropped_ranges": (list,), "models": (list,), "pipelines": (list,),
+    "spool_dropped_ranges": (list,), "models": (list,), "pipelines": (list,), "monitoring": (dict, type(None)),
 }
 MODEL_KEYS = {"name", "version", "p50_ms", "p95_ms", "p99_ms", "fps", "inferences", "errors"}
 
@@ -58,7 +58,7 @@ def document(**overrides: Any) -> dict[str, Any]:
 
 def test_documented_schema_matches_the_document() -> None:
     doc = document()
-    documented = set(re.findall(r"^(\w+) +(?:int|float|str|list)\??\s", telemetry.__doc__ or "", re.MULTILINE))
+    documented = set(re.findall(r"^(\w+) +(?:int|float|str|list|object)\??\s", telemetry.__doc__ or "", re.MULTILINE))
     assert documented == set(TOP_TYPES), "module docstring and TOP_TYPES disagree"
     assert set(doc) == set(TOP_TYPES)
     for key, types in TOP_TYPES.items():

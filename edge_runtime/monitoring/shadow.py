@@ -12,7 +12,7 @@ Per sample it records:
   matched by class at IoU 0.5 (detection; 1 when both see nothing);
 - distance: the relative L1 distance of the raw outputs when both have the
   same shape (mean |a - b| / mean |a|), else the difference of the top-1 score
-  (classification) or of the box count (detection);
+  (classification) or of the box count (detection); 1 for results of different kinds;
 - both latencies (end to end, each model's own preprocessing included).
 
 With ``promote_after`` the run ends after that many samples: the candidate is
@@ -76,8 +76,8 @@ def compare(active: Prediction, shadow: Prediction) -> tuple[float, float]:
         matched = count_matches(*arrays(da), *arrays(db), 0.5)
         agreement = 1.0 if not da and not db else 2.0 * matched / (len(da) + len(db))
         fallback = float(abs(len(da) - len(db)))
-    else:
-        return 0.0, float("inf")
+    else:  # results of different kinds (a classifier against a detector): nothing agrees
+        return 0.0, 1.0
     ra, rb = active.outputs, shadow.outputs
     if ra.keys() == rb.keys() and all(ra[k].shape == rb[k].shape for k in ra):
         num = sum(float(np.abs(ra[k] - rb[k]).mean()) for k in ra)

@@ -30,6 +30,10 @@ spool_dropped        int      messages ever dropped unsent (spool full or lost);
 spool_dropped_ranges list     the latest [first_seq, last_seq] ranges dropped
 models               list     one object per model, sorted by name (below)
 pipelines            list     one object per pipeline, sorted by name (below)
+monitoring           object?  drift per model (features' score, PSI and its
+                              threshold, in drift or not), field accuracy per
+                              version, truth matched/pending/misses, shadow runs'
+                              figures; null with ``[monitoring] enabled = false``
 ==================== ======== ====================================================
 
 ``models[]``: ``name`` (str), ``version`` (int? serving version, null when
@@ -206,6 +210,7 @@ def build_telemetry(seq: int, *, device: str, metrics_snapshot: Mapping[str, Any
         "spool_dropped_ranges": [[int(a), int(b)] for a, b in spool.get("dropped_ranges") or ()],
         "models": model_rows,
         "pipelines": pipelines,
+        "monitoring": metrics_snapshot.get("monitoring"),
     }
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
