@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from edge_runtime import __version__
 from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
 from edge_runtime.commands.handlers import MODEL_VERBS
-from edge_runtime.commands.intake import CommandIntake
+from edge_runtime.commands.intake import CommandIntake, TokenBucket
 from edge_runtime.commands.parse import Reply
 from edge_runtime.commands.runtime_settings import RuntimeSettings
 from edge_runtime.config.model import Config
@@ -51,6 +51,8 @@ __all__ = ["CommandHandler", "Link", "MqttBridge", "resolve_device_id"]
 
 _log = logging.getLogger(__name__)
 _MACHINE_ID = Path("/etc/machine-id")
+TRUTH_RATE, TRUTH_BURST = 200.0, 400
+"""Ground-truth messages taken in per second (bursts of TRUTH_BURST); past it dropped and counted."""
 TELEMETRY_STUCK_SECONDS = 120.0
 """How long one telemetry tick (status check, spool append, an fsync on a failing SD card) may take
 before the bridge counts as stuck: beyond the period, which a fleet ``config`` may change."""
@@ -144,6 +146,9 @@ class MqttBridge:
         self._versions = versions
         self._metrics = metrics
         self._truth = truth
+        # Truth is parsed on the network thread: a flood must not hold up commands behind it.
+        self._truth_bucket = TokenBucket(TRUTH_RATE, TRUTH_BURST)
+        self.truth_counts = {"accepted": 0, "refused_retained": 0, "dropped_rate": 0, "malformed": 0}
         self.spool = Spool(config.state_dir / "mqtt-spool.db", max_messages=self.mqtt.spool_max_messages,
                            max_bytes=self.mqtt.spool_max_bytes)
         make_link: LinkFactory = link or (lambda client_id, will: MqttLink(self.mqtt, client_id, will=will))
@@ -328,10 +333,17 @@ class MqttBridge:
             self._reply(message, Reply(ok=False, message="device busy: too many commands queued", id=None))
 
     def _on_truth_message(self, message: Message) -> None:
+        counts = self.truth_counts
         if message.retain:  # a retained truth would be matched again after every reconnect
+            counts["refused_retained"] += 1
             _log.warning("ignored a retained message on %s: publish ground truth without retain", message.topic)
             return
+        if not self._truth_bucket.take():
+            counts["dropped_rate"] += 1
+            _log.warning("dropped truth on %s: over %g messages/s", message.topic, TRUTH_RATE)
+            return
         if len(message.payload) > self.mqtt.max_command_bytes:
+            counts["malformed"] += 1
             _log.warning("ignored truth on %s: %d bytes, over the %d-byte cap", message.topic,
                          len(message.payload), self.mqtt.max_command_bytes)
             return
@@ -339,7 +351,10 @@ class MqttBridge:
         try:
             self._truth(message.topic.rsplit("/", 1)[-1], message.payload)
         except EdgeRuntimeError as e:
+            counts["malformed"] += 1
             _log.warning("ignored truth on %s: %s", message.topic, e.one_line())
+            return
+        counts["accepted"] += 1
 
     def _command_loop(self, lane: queue.Queue[tuple[str, Message] | None]) -> None:
         while True:
@@ -369,4 +384,5 @@ class MqttBridge:
             "spool": {"pending": self.spool.pending, "dropped": self.spool.dropped},
             "commands": {**self.intake.counts(), "replies_waiting": self.outbox.waiting,
                          "replies_lost": self.outbox.lost},
+            "truth": dict(self.truth_counts),
         }

@@ -89,7 +89,8 @@ class Monitor:
             serving = self._switch(name, model)
         if serving.drift is not None and prediction.tensor is not None:
             serving.drift.add(model.features(prediction.tensor, prediction.outputs, results[0]))
-        self.truth.register(name, model.version, rid, results[0], serving.baseline)
+        for result in results:  # every item of a batch can get its truth
+            self.truth.register(name, model.version, result["result_id"], result, serving.baseline)
         shadow = self._shadows.get(name)
         if shadow is not None:
             if shadow.plan.version == model.version:
