@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from ppocr_bench_kit import median_us
 
 from edge_runtime.bundle.manifest import Postprocess, Preprocess
 from edge_runtime.bundle.postprocess_spec import Detection
@@ -41,17 +40,6 @@ FACE_PRE, FACE_POST = FACE_PREPROCESS, FACE_POSTPROCESS  # the demo's, which are
 YOLO_PRE = Preprocess(resize="letterbox_top_left", size=(320, 320), color="bgr", scale=1 / 255)
 YOLO_POST = Postprocess(type="detection", detection=Detection(
     layout="yolo", num_classes=18, score_threshold=0.25, iou_threshold=0.45, class_agnostic=True))
-
-
-def median_us(call: Callable[[], object], runs: int) -> float:
-    for _ in range(min(50, runs)):
-        call()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def images(cache: Path) -> list[Any]:

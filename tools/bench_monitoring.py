@@ -19,7 +19,6 @@ times on a shared machine drift: compare the ratios of one run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
+from ppocr_bench_kit import median_us
 
 from edge_runtime.bundle.manifest import Postprocess, Preprocess
 from edge_runtime.bundle.reader import read_bundle
@@ -46,17 +46,6 @@ from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.service import InferenceService
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.telemetry.metrics import Metrics
-
-
-def median_us(call: Callable[[], object], runs: int) -> float:
-    for _ in range(min(100, runs)):
-        call()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def crops(photo: Path, n: int, seed: int) -> list[np.ndarray]:

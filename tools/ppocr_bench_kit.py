@@ -7,6 +7,9 @@ Imported by scripts run as ``python tools/<script>.py`` (tools/ is then on sys.p
 from __future__ import annotations
 
 import socket
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, TensorSpec
@@ -17,10 +20,22 @@ from edge_runtime.config.model import Config
 from edge_runtime.devtools.model_zoo import fetch
 from edge_runtime.update.store import ModelStore
 
-__all__ = ["PPOCR_IO", "free_port", "install_ppocr_classifier", "make_publisher", "pack_ppocr"]
+__all__ = ["PPOCR_IO", "free_port", "install_ppocr_classifier", "make_publisher", "median_us", "pack_ppocr"]
 
 PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
             (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
+
+
+def median_us(call: Callable[[], object], runs: int) -> float:
+    """Median wall time of ``call`` in microseconds over ``runs`` calls, after up to 50 warm-up calls."""
+    for _ in range(min(50, runs)):
+        call()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
 
 
 def free_port() -> int:
