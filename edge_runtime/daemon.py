@@ -196,7 +196,9 @@ class Daemon:
         def rollback(name: str, version: int, reason: str) -> None:
             def run() -> None:
                 if self.store.cache.active_version(name) == version:  # not when it was replaced meanwhile
-                    self.activator.rollback(name, reason=reason, kind="rolled_back")
+                    target = self.activator.rollback(name, reason=reason, kind=None)
+                    self.events.emit("rolled_back", model=name, version=target, failed_version=version,
+                                     previous=version, reason=f"field accuracy: {reason}")
 
             # Off the caller's thread: truth arrives on the MQTT network thread or an API request.
             threading.Thread(target=_guarded, args=(f"rolling back {name} v{version} on accuracy", run),

@@ -32,6 +32,25 @@ def crops(photo: Path, n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def text_lines(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """``n`` rendered words (OpenCV's Hershey fonts, dark on light), half of them turned 180 degrees, and
+    the true class of each for the ppocr orientation classifier (0: upright, 1: 180)."""
+    rng = np.random.default_rng(seed)
+    fonts = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX, cv2.FONT_HERSHEY_TRIPLEX)
+    letters = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    images, labels = [], []
+    for _ in range(n):
+        word = "".join(rng.choice(letters, int(rng.integers(5, 12))))
+        img = np.full((48, 240, 3), int(rng.integers(180, 256)), np.uint8)
+        ink = int(rng.integers(0, 80))
+        cv2.putText(img, word, (4, 36), fonts[int(rng.integers(0, len(fonts)))], 1.0, (ink, ink, ink), 2,
+                    cv2.LINE_AA)
+        flipped = bool(rng.random() < 0.5)
+        images.append(cv2.rotate(img, cv2.ROTATE_180) if flipped else img)
+        labels.append(int(flipped))
+    return images, labels
+
+
 def darkened(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (img.astype(np.float32) * 0.4).astype(np.uint8)
 

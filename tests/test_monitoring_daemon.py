@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from cli_helpers import REPO, cli
 from daemon_helpers import Serve, free_port, wait_for, write_config
-from monitoring_helpers import crops, darkened, pack_with_reference, write_images
+from monitoring_helpers import crops, darkened, pack_with_reference, text_lines, write_images
 from mqtt_broker import Broker
 
 Zoo = Callable[[str], Path]
@@ -207,4 +207,43 @@ def test_fleet_shadow_command_promotes_a_candidate_that_agrees(tmp_path: Path, k
         assert not again["ok"] and "is the active version" in again["message"]
     finally:
         operator.close()
+        assert serve.terminate() == 0
+
+
+def test_accuracy_below_baseline_rolls_back_when_the_config_allows_it(tmp_path: Path, keys: dict[str, Path],
+                                                                      zoo: Zoo) -> None:
+    ref_dir = write_images(text_lines(60, seed=71)[0], tmp_path / "reference")
+    v1 = pack_with_reference(tmp_path, zoo("ppocr_cls"), keys["a"], ref_dir, baseline="accuracy = 0.95")
+    v2 = pack_with_reference(tmp_path, zoo("ppocr_cls"), keys["a"], ref_dir, version=2, baseline="accuracy = 0.95")
+    extra = ("[monitoring]\naccuracy_window = 40\naccuracy_min_samples = 20\nrollback_on_accuracy = true\n"
+             "[activation]\nprobation_inferences = 0\nprobation_seconds = 0.0\n")
+    config, state, port = write_config(tmp_path / "device", keys["trust_dir"], extra=extra)
+    cli("models", "install", v1, "--config", config)
+    cli("models", "install", v2, "--config", config)
+    serve = Serve(config, state, port).start()
+    try:
+        serve.wait_ready(60)
+        images, labels = text_lines(40, seed=72)
+        truths = []
+        for img, label in zip(images, labels, strict=True):
+            status, body = serve.request("POST", "/v2/models/cls/infer", _png(img), {"Content-Type": "image/png"})
+            reply = json.loads(body)
+            assert status == 200 and reply["model_version"] == "2"
+            truths.append({"result_id": reply["results"]["result_id"], "label": label})
+        # The real labels first: the model is right on rendered text, no event.
+        status, body = serve.request("POST", "/v2/models/cls/truth", json.dumps(truths[:20]).encode())
+        assert status == 200 and all(t["correct"] for t in json.loads(body)["truths"]), body
+        assert not serve.events("accuracy")
+        # Then a labelling that disagrees (the field changed under the model): below 0.95 - 0.05.
+        wrong = [{**t, "label": 1 - t["label"]} for t in truths[20:]]
+        status, body = serve.request("POST", "/v2/models/cls/truth", json.dumps(wrong).encode())
+        assert status == 200
+        event = wait_for(lambda: serve.events("accuracy"), 10, "the accuracy event")[0]
+        assert event["version"] == 2 and event["rollback"] is True and event["threshold"] == 0.9
+        rolled = wait_for(lambda: serve.events("rolled_back"), 30, "the rollback")[0]
+        assert rolled["version"] == 1 and rolled["failed_version"] == 2 and "field accuracy" in rolled["reason"]
+        wait_for(lambda: json.loads(serve.request("POST", "/v2/models/cls/infer", _png(images[0]),
+                                                  {"Content-Type": "image/png"})[1])["model_version"] == "1",
+                 10, "v1 to serve")
+    finally:
         assert serve.terminate() == 0
