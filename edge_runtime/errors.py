@@ -221,7 +221,15 @@ class ModelNotLoadedError(ServingError):
 
 
 class FetchError(EdgeRuntimeError):
-    """A download failed: HTTP status, timeout, deadline or size cap."""
+    """A download failed: HTTP status, timeout, deadline or size cap.
+
+    ``status`` is the final HTTP status when the server answered with one that is
+    not retried (404, 403, ...), None otherwise.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class CommandError(EdgeRuntimeError):

@@ -24,6 +24,7 @@ from edge_runtime.errors import IncompatibleError, ManifestError
 
 __all__ = [
     "check_requirements",
+    "check_runtime_and_hardware",
     "device_tags",
     "format_timestamp",
     "parse_runtime_requirement",
@@ -89,6 +90,28 @@ def parse_runtime_requirement(spec: str) -> tuple[str, tuple[int, ...]]:
     return match.group(1) or ">=", _version_tuple(match.group(2))
 
 
+def check_runtime_and_hardware(what: str, runtime: str, hardware: tuple[str, ...] | list[str], *,
+                               device_tags: set[str], runtime_version: str) -> None:
+    """Refuse ``what`` (a bundle, or a TUF target announcing one) when this device cannot run it.
+
+    Raises:
+        IncompatibleError: the runtime is too old (or not the exact version), or a hardware tag is missing.
+        ManifestError: ``runtime`` is malformed.
+    """
+    if runtime:
+        op, wanted = parse_runtime_requirement(runtime)
+        match = _VERSION_PREFIX_RE.match(runtime_version)
+        if not match:
+            raise IncompatibleError(f"runtime version {runtime_version!r} is not a dotted version")
+        have = _version_tuple(match.group(0))
+        if (op == "==" and have != wanted) or (op == ">=" and have < wanted):
+            raise IncompatibleError(f"{what} requires runtime {runtime}, this device runs {runtime_version}")
+    missing = [tag for tag in hardware if tag not in device_tags]
+    if missing:
+        have_tags = ", ".join(sorted(device_tags)) or "none"
+        raise IncompatibleError(f"{what} requires hardware {', '.join(missing)}; this device has {have_tags}")
+
+
 def check_requirements(
     manifest: Manifest, *, device_tags: set[str], runtime_version: str, now: datetime
 ) -> None:
@@ -103,24 +126,9 @@ def check_requirements(
         ManifestError: ``requires.runtime``, ``expires`` or ``created`` is
             malformed (the publisher's fault, not the device's).
     """
-    if manifest.requires.runtime:
-        op, wanted = parse_runtime_requirement(manifest.requires.runtime)
-        match = _VERSION_PREFIX_RE.match(runtime_version)
-        if not match:
-            raise IncompatibleError(f"runtime version {runtime_version!r} is not a dotted version")
-        have = _version_tuple(match.group(0))
-        if (op == "==" and have != wanted) or (op == ">=" and have < wanted):
-            raise IncompatibleError(
-                f"bundle {manifest.name} v{manifest.version} requires runtime "
-                f"{manifest.requires.runtime}, this device runs {runtime_version}"
-            )
-    missing = [tag for tag in manifest.requires.hardware if tag not in device_tags]
-    if missing:
-        have_tags = ", ".join(sorted(device_tags)) or "none"
-        raise IncompatibleError(
-            f"bundle {manifest.name} v{manifest.version} requires hardware "
-            f"{', '.join(missing)}; this device has {have_tags}"
-        )
+    check_runtime_and_hardware(f"bundle {manifest.name} v{manifest.version}", manifest.requires.runtime,
+                               manifest.requires.hardware, device_tags=device_tags,
+                               runtime_version=runtime_version)
     if manifest.created:
         parse_timestamp(manifest.created, "manifest.created")
     if manifest.expires:

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from edge_runtime import __version__
-from edge_runtime.cli import bundle_cmd, fleet_cmd, models_cmd, run_cmd, serve_cmd, tools_cmd
+from edge_runtime.cli import bundle_cmd, fleet_cmd, models_cmd, repo_cmd, run_cmd, serve_cmd, tools_cmd
 from edge_runtime.cli.common import Context, add_common_options, report_errors
 
 __all__ = ["build_parser", "main"]
 
-_VERB_MODULES = (bundle_cmd, fleet_cmd, models_cmd, run_cmd, serve_cmd, tools_cmd)
+_VERB_MODULES = (bundle_cmd, fleet_cmd, models_cmd, repo_cmd, run_cmd, serve_cmd, tools_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 
+from edge_runtime._util.wall_clock import CLOCK_FLOOR
 from edge_runtime.commands.auth import SIGNED_VERBS, CommandAuth, is_signed_envelope
 from edge_runtime.commands.ledger import CommandLedger
 from edge_runtime.commands.parse import Command, Reply, best_effort_id, check_verb, command_from_object, load_object
@@ -42,8 +43,6 @@ from edge_runtime.errors import CommandError, EdgeRuntimeError
 
 __all__ = ["CLOCK_FLOOR", "SIGNED_VERBS", "Command", "Dispatcher", "Handler", "Reply"]
 
-CLOCK_FLOOR = 1_767_225_600.0
-"""2026-01-01 UTC, before this release was built: a device clock earlier than this is not set."""
 UNTIMED_VERBS = frozenset({"ping", "status"})
 """Read-only verbs still answered while the device clock is not set."""
 CONFLICT = "id reused with different args"

@@ -137,8 +137,10 @@ class GatesConfig:
 
 @dataclass(frozen=True)
 class OtaConfig:
-    """Pulling signed bundles named by a signed channel document."""
+    """Pulling signed bundles: from a TUF repository (``repository_url``), or a signed channel document."""
 
+    repository_url: str = field(default="", metadata={"check": _url("https", "http")})
+    models: tuple[str, ...] = ()
     channel_url: str = field(default="", metadata={"check": _url("https", "http")})
     poll_seconds: float = field(default=600.0, metadata={"check": in_range(0.1, 86400 * 7)})
     ca_file: Path | None = None

@@ -243,7 +243,7 @@ class Fetcher(abc.ABC):
             sink.restart()
             raise _Retry("HTTP 416: the server cannot resume; starting over")
         if status not in (200, 206):
-            raise FetchError(f"{where}: HTTP {status} {resp.reason}".rstrip())
+            raise FetchError(f"{where}: HTTP {status} {resp.reason}".rstrip(), status=status)
         encoding = (resp.header("Content-Encoding") or "identity").strip().lower()
         if encoding != "identity":
             raise FetchError(f"{where}: unrequested Content-Encoding {encoding!r}")

@@ -16,14 +16,19 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
+from edge_runtime import __version__
 from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
 from edge_runtime._util.retry_policy import redact_url
+from edge_runtime._util.wall_clock import CLOCK_FLOOR
+from edge_runtime.bundle.requirements import check_runtime_and_hardware
 from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.cache.disk_room import make_room_for_download
 from edge_runtime.cache.pins import pin_refusal, pinned_version
 from edge_runtime.config.model import OtaConfig
-from edge_runtime.errors import EdgeRuntimeError, FetchError, GateError, ModelError
+from edge_runtime.errors import EdgeRuntimeError, FetchError, GateError, IncompatibleError, ModelError
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.update.activation import Activator
 from edge_runtime.update.channel import parse_channel
@@ -31,6 +36,7 @@ from edge_runtime.update.fetcher import Fetcher
 from edge_runtime.update.state_recovery import keep_channel_document
 from edge_runtime.update.store import ModelStore
 from edge_runtime.update.transport import HttpFetcher
+from edge_runtime.update.tuf_client import ModelTarget, TufRepository
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
@@ -83,8 +89,8 @@ class OtaUpdater:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start polling in a background thread when a channel URL is configured."""
-        if not self.config.channel_url:
+        """Start polling in a background thread when a repository or channel URL is configured."""
+        if not (self.config.repository_url or self.config.channel_url):
             return
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
         self._thread.start()
@@ -132,9 +138,13 @@ class OtaUpdater:
     def poll_once(self) -> list[UpdateResult]:
         """Fetch and verify the channel document, then apply every newer version.
 
+        With ``repository_url`` set this is :meth:`poll_repository` (TUF).
+
         Raises:
             FetchError, SignatureError, IncompatibleError (expired/replayed), ManifestError.
         """
+        if self.config.repository_url:
+            return self.poll_repository()
         url = self.config.channel_url
         cap = self.config.max_channel_bytes
         data = self.fetcher.fetch_bytes(url, cap)
@@ -178,22 +188,29 @@ class OtaUpdater:
             FetchError, BundleError, GateError, ModelError: nothing changed, or
                 the previous version was restored; an ``update_failed`` event says why.
         """
+        def download(dest: Path) -> None:
+            self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
+                                       expected_size=expected_size, expected_sha256=expected_sha256)
+
+        return self._apply(url, redact_url(url), expected_size, download, model, expect=None)
+
+    def _apply(self, key_source: str, where: str, expected_size: int | None, download: Callable[[Path], object],
+               model: tuple[str, int] | None, *, expect: tuple[str, int] | None) -> UpdateResult:
+        """Download into staging with ``download(dest)``, then install, gate and activate (events on the way)."""
         with self._busy:
             cache = self.store.cache
-            # A name derived from the URL lets a later attempt resume a cut download; the owner
+            # A name derived from the source lets a later attempt resume a cut download; the owner
             # in it keeps another process's staging sweep off it while this one lives.
-            key = hashlib.sha256(url.encode()).hexdigest()[:16]
+            key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
             dest = cache.staging_root() / f"download-{key}.{owner_tag()}.bundle"
-            where = redact_url(url)
             name, version = model or ("", 0)
             installed = False
             try:
                 make_room_for_download(cache, dest, expected_size)
-                self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
-                                           expected_size=expected_size, expected_sha256=expected_sha256)
+                download(dest)
                 # Gated in a child before the install commits, so the floor rises only for a
                 # version that passed; a crash, memory bomb or hang is the child's (README).
-                result = self.store.install(dest, activate=False, gates=True)
+                result = self.store.install(dest, activate=False, gates=True, expect=expect)
                 installed = True
                 name, version = result.manifest.name, result.manifest.version
                 self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
@@ -210,3 +227,68 @@ class OtaUpdater:
                 raise
             return UpdateResult(name, version, self.activator.on_probation(name) == version)
 
+    # ------------------------------------------------------------------ TUF repository
+
+    def poll_repository(self) -> list[UpdateResult]:
+        """Refresh the TUF repository (``repository_url``), then apply every newer model it offers.
+
+        The models looked up are those in the cache and ``ota.models``. Each target's
+        ``custom`` (model, version, requirements) is checked before its download; the
+        bundle must then be that model and version, and verify as ever.
+
+        Raises:
+            FetchError, SignatureError, RollbackError, IncompatibleError (expired metadata),
+                IntegrityError, ManifestError: the metadata is refused; nothing was downloaded.
+        """
+        now = self.now().timestamp()
+        if now < CLOCK_FLOOR:  # expired metadata would look fresh to a clock in the past
+            raise IncompatibleError(f"not updating: the device clock is not set ({now:.0f} is before "
+                                    f"{CLOCK_FLOOR:.0f}), so TUF expiry cannot be judged; the current models serve")
+        cache = self.store.cache
+        repo = TufRepository(self.config.repository_url, self.store.config.trust_dir / "root.json",
+                             cache.state_dir, self.fetcher, cache.staging_root(),
+                             max_metadata_bytes=self.config.max_channel_bytes)
+        repo.refresh()
+        results = []
+        for name in sorted(set(cache.names()) | set(self.config.models)):
+            self.progress.beat()
+            try:
+                target = repo.model(name)
+                if target is None or not self._wanted(target):
+                    continue
+            except EdgeRuntimeError as e:
+                _log.warning("update of %s refused: %s", name, e.one_line())
+                self.events.emit("update_failed", model=name, reason=e.one_line())
+                continue
+            self.events.emit("update_available", model=name, version=target.version,
+                             reason=f"TUF target {target.info.path}")
+            where = f"TUF target {target.info.path} v{target.version}"
+            try:
+                results.append(self._apply(f"{self.config.repository_url}|{target.info.path}|{target.sha256}",
+                                           where, target.length, partial(_download_target, repo, target),
+                                           (name, target.version), expect=(name, target.version)))
+            except EdgeRuntimeError as e:
+                _log.warning("update of %s to v%s failed: %s", name, target.version, e.one_line())
+        return results
+
+    def _wanted(self, target: ModelTarget) -> bool:
+        """A newer version this device may take: above the floor, not pinned, not refused, compatible.
+
+        Raises:
+            IncompatibleError, ManifestError: its ``custom`` requirements are not met here.
+        """
+        cache = self.store.cache
+        if target.version <= cache.floor(target.name) or pinned_version(cache, target.name) is not None:
+            return False
+        refused = self.store.refusal(target.name, target.version, bundle_sha256=target.sha256)
+        if refused:
+            _log.info("skipping update: %s", refused)
+            return False
+        check_runtime_and_hardware(f"TUF target {target.info.path} v{target.version}", target.runtime,
+                                   target.hardware, device_tags=self.store.device_tags(),
+                                   runtime_version=__version__)
+        return True
+
+
+def _download_target(repo: TufRepository, target: ModelTarget, dest: Path) -> None:
+    repo.download(target, dest)

@@ -32,6 +32,7 @@ from edge_runtime.errors import (
     CacheError,
     GateError,
     IntegrityError,
+    ManifestError,
     ModelError,
     RollbackError,
 )
@@ -110,15 +111,24 @@ class ModelStore:
 
     # ------------------------------------------------------------------ bundles
 
-    def read(self, bundle: Path) -> StagedBundle:
+    def read(self, bundle: Path, *, expect: tuple[str, int] | None = None) -> StagedBundle:
         """Verify ``bundle`` (signatures first, then every rule) and unpack it into staging.
+
+        ``expect`` (name, version) is what the update channel announced: a bundle
+        that is another model or version is refused before unpacking (mix-and-match).
 
         Raises:
             BundleError (any subclass), ConfigError (trust dir).
         """
+        def accept(manifest: Manifest) -> None:
+            if expect is not None and (manifest.name, manifest.version) != expect:
+                raise ManifestError(f"the bundle is {manifest.name} v{manifest.version}, but the update "
+                                    f"channel signed it as {expect[0]} v{expect[1]} (mix-and-match refused)")
+            self.accept(manifest)
+
         return read_bundle(bundle, trusted=self.trusted_keys(), threshold=self.config.trust.threshold,
                            limits=self.config.limits, staging_root=self.cache.staging_root(),
-                           accept=self.accept)
+                           accept=accept)
 
     def load(self, name: str, version: int | None = None, *, directory: Path | None = None,
              manifest: Manifest | None = None) -> LoadedModel:
@@ -187,7 +197,7 @@ class ModelStore:
         return f"{name} v{version} failed its gate before ({failed.reason}); not tried again without --force"
 
     def install(self, bundle: Path, *, activate: bool = True, gates: bool = True,
-                force: bool = False) -> InstallResult:
+                force: bool = False, expect: tuple[str, int] | None = None) -> InstallResult:
         """Verify, stage, (optionally) gate, commit and (optionally) activate ``bundle``.
 
         With ``gates`` the candidate is loaded, warmed up and gated in a child
@@ -203,7 +213,7 @@ class ModelStore:
             bundle_sha256 = sha256_file(bundle)[0]
         except OSError as e:
             raise CacheError(f"cannot read bundle {bundle}: {e.strerror or e}") from e
-        staged = self.read(bundle)
+        staged = self.read(bundle, expect=expect)
         reports: list[GateReport] = []
         manifest = staged.manifest
         try:

@@ -1,0 +1,236 @@
+"""The update channel as a TUF repository, read with python-tuf's ``tuf.ngclient``.
+
+The repository's metadata is at ``<repository_url>/metadata/`` and its targets
+at ``<repository_url>/targets/`` (the layout of python-tuf's own repositories).
+Trust starts from a bootstrap ``root.json`` installed with the device in the
+trust dir; ngclient then follows root rotations, and keeps the metadata it has
+verified in ``<state_dir>/tuf/``. Freeze, rollback, fast-forward, mix-and-match
+and key compromise are TUF's to refuse (the TUF specification's client
+workflow): every ngclient error is converted here into one of ours, with one line.
+
+Downloads go through the project's own :class:`~edge_runtime.update.fetcher.Fetcher`
+(:class:`TufFetcher`), so the size caps, timeouts, overall deadline, Range
+resume and TLS rules are the same as for every other download.
+
+A model is the target ``models/<name>.bundle``; what it is goes in its
+``custom`` field, checked before anything is downloaded::
+
+    "custom": {"edge_runtime": {"model": "cls", "version": 3,
+                                "requires": {"runtime": ">=0.1.0", "hardware": ["aarch64"]}}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from edge_runtime._util.fsutil import make_private_dir
+from edge_runtime._util.retry_policy import redact_url
+from edge_runtime.bundle.staging_owner import owner_tag
+from edge_runtime.errors import (
+    BundleError,
+    FetchError,
+    IncompatibleError,
+    IntegrityError,
+    ManifestError,
+    RollbackError,
+    SignatureError,
+    SizeLimitError,
+)
+from edge_runtime.update.fetcher import Fetcher
+
+__all__ = ["MODEL_TARGET", "ModelTarget", "TufFetcher", "TufRepository", "model_target_path"]
+
+_log = logging.getLogger(__name__)
+MODEL_TARGET = "models/{name}.bundle"
+_CUSTOM_KEY = "edge_runtime"
+
+
+def model_target_path(name: str) -> str:
+    """The TUF target path of model ``name``'s bundle."""
+    return MODEL_TARGET.format(name=name)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A model version the repository offers: its target, and what its ``custom`` field says."""
+
+    name: str
+    version: int
+    info: TargetFile
+    runtime: str = ""
+    hardware: tuple[str, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return int(self.info.length)
+
+    @property
+    def sha256(self) -> str:
+        return str(self.info.hashes.get("sha256", ""))
+
+
+class TufFetcher(FetcherInterface):
+    """ngclient's network I/O through our :class:`Fetcher` (caps, deadline, resume, TLS).
+
+    ngclient gives each download its upper bound (the length a signed role declares,
+    or its configured maximum for timestamp and root); our fetcher cuts off past it.
+    """
+
+    def __init__(self, fetcher: Fetcher, staging: Path) -> None:
+        self._fetcher = fetcher
+        self._staging = staging
+
+    def _fetch(self, url: str) -> Iterator[bytes]:  # unused: both public entry points are overridden
+        yield self.download_bytes(url, 1 << 20)
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        with _download_errors(url, max_length):
+            return self._fetcher.fetch_bytes(url, max_length)
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        # Named by the URL (which, with consistent snapshots, names the content): a cut download resumes.
+        key = hashlib.sha256(url.encode()).hexdigest()[:16]
+        dest = self._staging / f"tuf-{key}.{owner_tag()}.part"
+        with _download_errors(url, max_length):
+            self._fetcher.fetch_to_file(url, dest, max_bytes=max_length)
+        try:
+            with open(dest, "rb") as fh:
+                yield fh
+        finally:
+            dest.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _download_errors(url: str, max_length: int) -> Iterator[None]:
+    """Our download errors as ngclient expects them (it tells a missing next root by the HTTP status)."""
+    try:
+        yield
+    except SizeLimitError as e:
+        raise tuf_errors.DownloadLengthMismatchError(f"{redact_url(url)}: over {max_length} bytes") from e
+    except FetchError as e:
+        if e.status is not None:
+            raise tuf_errors.DownloadHTTPError(e.one_line(), e.status) from e
+        raise tuf_errors.DownloadError(e.one_line()) from e
+
+
+class TufRepository:
+    """One refresh of the TUF repository at ``url`` (ngclient refreshes once per Updater)."""
+
+    def __init__(self, url: str, bootstrap_root: Path, state_dir: Path, fetcher: Fetcher, staging: Path,
+                 *, max_metadata_bytes: int = 2 << 20) -> None:
+        """Raises:
+            SignatureError: the bootstrap or the trusted root does not verify, or is missing.
+        """
+        self.url = url.rstrip("/")
+        self._metadata_dir = make_private_dir(state_dir / "tuf")
+        trusted = self._metadata_dir / "root.json"
+        source = trusted if trusted.exists() else bootstrap_root
+        try:
+            root = source.read_bytes()
+        except OSError as e:
+            raise SignatureError(f"TUF root {source}: cannot read ({e.strerror}); install the repository's "
+                                 "root.json in the trust dir") from e
+        config = UpdaterConfig(root_max_length=min(512_000, max_metadata_bytes),
+                               timestamp_max_length=16_384, snapshot_max_length=max_metadata_bytes,
+                               targets_max_length=max_metadata_bytes)
+        with tuf_errors_converted("loading the trusted root"):
+            self._updater = Updater(str(self._metadata_dir), f"{self.url}/metadata/", None,
+                                    f"{self.url}/targets/", fetcher=TufFetcher(fetcher, staging), config=config,
+                                    bootstrap=root)
+
+    def refresh(self) -> None:
+        """Update root (following rotations), timestamp, snapshot and targets, in that order.
+
+        Raises:
+            IncompatibleError: metadata expired (a freeze). RollbackError: a role's version went
+                back. SignatureError: too few valid signatures (also from revoked keys).
+            IntegrityError: metadata does not match what snapshot/timestamp declare.
+            FetchError: the repository cannot be read.
+        """
+        with tuf_errors_converted("refreshing the metadata"):
+            self._updater.refresh()
+
+    def model(self, name: str) -> ModelTarget | None:
+        """What the repository offers for ``name`` (delegations walked), None when nothing.
+
+        Raises:
+            ManifestError: the target's ``custom`` field does not describe model ``name``.
+            and what :meth:`refresh` raises.
+        """
+        path = model_target_path(name)
+        with tuf_errors_converted(f"resolving {path}"):
+            info = self._updater.get_targetinfo(path)
+        if info is None:
+            return None
+        return _model_target(name, info)
+
+    def download(self, target: ModelTarget, dest: Path) -> Path:
+        """Download ``target`` to ``dest``, checked against its signed length and hashes.
+
+        Raises:
+            FetchError: the download failed or exceeded the deadline. IntegrityError: its
+                length or hash is not what the targets role signed.
+        """
+        with tuf_errors_converted(f"downloading {target.info.path}"):
+            return Path(self._updater.download_target(target.info, str(dest)))
+
+
+def _model_target(name: str, info: TargetFile) -> ModelTarget:
+    custom: Any = info.custom.get(_CUSTOM_KEY) if isinstance(info.custom, dict) else None
+    where = f"TUF target {info.path}"
+    if not isinstance(custom, dict):
+        raise ManifestError(f"{where}: no custom.{_CUSTOM_KEY} object (model, version)")
+    model, version, requires = custom.get("model"), custom.get("version"), custom.get("requires", {})
+    if model != name:
+        raise ManifestError(f"{where}: custom says model {model!r}, not {name!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 2**53:
+        raise ManifestError(f"{where}: custom version must be an integer from 1, got {version!r}")
+    if not isinstance(requires, dict):
+        raise ManifestError(f"{where}: custom requires must be an object")
+    runtime, hardware = requires.get("runtime", ""), requires.get("hardware", [])
+    if not isinstance(runtime, str) or not isinstance(hardware, list) or not all(
+            isinstance(h, str) for h in hardware):
+        raise ManifestError(f"{where}: custom requires must be {{runtime: str, hardware: [str]}}")
+    if "sha256" not in info.hashes:
+        raise ManifestError(f"{where}: no sha256 hash")
+    return ModelTarget(name, version, info, runtime, tuple(hardware))
+
+
+@contextlib.contextmanager
+def tuf_errors_converted(doing: str) -> Iterator[None]:
+    """ngclient's and python-tuf's errors as ours, one line naming what was being done."""
+    try:
+        yield
+    except tuf_errors.ExpiredMetadataError as e:
+        raise IncompatibleError(f"TUF {doing}: {e} (a freeze, or the repository is not refreshed)") from e
+    except tuf_errors.BadVersionNumberError as e:
+        raise RollbackError(f"TUF {doing}: {e} (a rollback)") from e
+    except tuf_errors.UnsignedMetadataError as e:
+        raise SignatureError(f"TUF {doing}: {e} (not enough valid signatures by the keys the root trusts "
+                             "for that role: unsigned, or signed by a revoked key)") from e
+    except tuf_errors.LengthOrHashMismatchError as e:
+        raise IntegrityError(f"TUF {doing}: {e}") from e
+    except tuf_errors.DownloadLengthMismatchError as e:
+        raise SizeLimitError(f"TUF {doing}: {e}") from e
+    except tuf_errors.DownloadError as e:
+        cause = e.__cause__
+        if isinstance(cause, FetchError):
+            raise FetchError(f"TUF {doing}: {cause.one_line()}", status=cause.status) from e
+        raise FetchError(f"TUF {doing}: {e}") from e
+    except tuf_errors.RepositoryError as e:
+        raise BundleError(f"TUF {doing}: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:  # malformed metadata that python-tuf does not wrap
+        raise ManifestError(f"TUF {doing}: malformed metadata ({type(e).__name__}: {e})") from e
