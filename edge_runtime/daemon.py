@@ -107,7 +107,7 @@ class Daemon:
         """Start everything in order. Raises EdgeRuntimeError/OSError if a part cannot start."""
         make_private_dir(self.config.state_dir)
         self._instance.acquire()  # before anything touches the cache: a second daemon refuses here
-        recovery = recover_state(self.store.cache, self.store.trusted_keys, self.config.trust.threshold)
+        recovery = recover_state(self.store.cache, self.store.trusted_keys, self.store.threshold())
         if recovery is not None:
             _log.warning("%s", recovery.one_line())
             self.events.emit("state_recovered", reason=recovery.one_line(), floors=dict(recovery.floors),

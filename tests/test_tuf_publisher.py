@@ -49,12 +49,15 @@ def test_publisher_commands_release_refresh_and_rotate_a_key(tmp_path: Path, key
         cli("repo", "publish", repo, "--snapshot-key", k["snapshot"], "--timestamp-key", k["timestamp"], *extra)
         serve_directory(server, repo)
 
+    cli("repo", "keys", repo, "--publisher-key", f"{keys['a']}.pub", "--targets-key", k["targets"])
     out = cli("repo", "add", repo, bundle(3), "--targets-key", k["targets"], "--json")
     assert json.loads(out.stdout)["targets"] == ["models/ppocr-cls.bundle"]
     publish()
     device = make_device(tmp_path, keys, zoo, server.url("").rstrip("/"),
                          (repo / "metadata" / "1.root.json").read_bytes())
     assert [r.version for r in device.ota.poll_once()] == [3]
+    delivered = tmp_path / "state" / "trust" / "publisher-keys.json"
+    assert json.loads(delivered.read_bytes())["threshold"] == 1 and delivered.stat().st_mode & 0o777 == 0o600
     # The cron job: a new timestamp, nothing new to install.
     cli("repo", "refresh-timestamp", repo, "--timestamp-key", k["timestamp"])
     serve_directory(server, repo)

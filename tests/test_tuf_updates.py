@@ -266,3 +266,40 @@ def test_with_the_clock_not_set_the_repository_is_not_polled(tmp_path: Path, key
     with pytest.raises(IncompatibleError, match="clock is not set"):
         device.ota.poll_once()
     assert server.requests == [] and device.version() == 1
+
+
+def test_a_leaked_publisher_key_is_revoked_over_the_air_and_the_pinned_floor_recovers(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
+    from edge_runtime.bundle.publisher_keys import TARGET_PATH, build_publisher_keys
+    from edge_runtime.bundle.signing import generate_keypair, load_public_key
+
+    repo.add_blob(TARGET_PATH, build_publisher_keys([load_public_key(Path(f"{keys['a']}.pub"))], 1))
+    repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
+    repo.publish()
+    device = _device(tmp_path, keys, zoo, repo)
+    assert [r.version for r in device.ota.poll_once()] == [3]
+    assert "trust_updated" in device.kinds()
+    # Key "a" and the targets key leak. The attacker publishes v2^53, signed by "a": the device takes
+    # it, and its floor is now 2^53, so no legitimate version could ever be installed again.
+    huge = 2**53
+    repo.add_bundle(_bundle(tmp_path, keys, zoo, huge))
+    repo.publish()
+    assert [r.version for r in device.ota.poll_once()] == [huge]
+    assert device.store.cache.floor("ppocr-cls") == huge
+    # Recovery, over the air only: a new root rotates the targets key, and the new targets deliver a
+    # new publisher key "c" and a legitimate v4 signed by it.
+    repo.rotate("targets")
+    generate_keypair(tmp_path / "c")
+    repo.add_blob(TARGET_PATH, build_publisher_keys([load_public_key(tmp_path / "c.pub")], 1))
+    keys_c = {**keys, "c": tmp_path / "c"}
+    repo.add_bundle(_bundle(tmp_path, keys_c, zoo, 4, key="c"))
+    repo.publish()
+    assert [r.version for r in device.ota.poll_once()] == [4]
+    assert device.version() == 4
+    cache = device.store.cache
+    assert cache.versions("ppocr-cls") == [4] and cache.floor("ppocr-cls") == 4
+    revoked = [e for e in device.events if e["kind"] == "versions_revoked"]
+    assert revoked and set(revoked[-1]["removed"]) == {1, 3, huge}  # type: ignore[arg-type]
+    # What the leaked key signs is refused from now on, even by a manual install.
+    with pytest.raises(SignatureError):
+        device.store.install(_bundle(tmp_path, keys, zoo, 5))

@@ -94,6 +94,11 @@ class TufRepo:
         self.blobs[target] = data
         return target
 
+    def add_blob(self, path: str, data: bytes) -> None:
+        """Any other target (e.g. ``trust/publisher-keys.json``)."""
+        self.targets.signed.targets[path] = TargetFile.from_data(path, data, ["sha256"])
+        self.blobs[path] = data
+
     def delegate(self, role: str, paths: list[str]) -> None:
         """A delegated targets role with its own key, trusted for ``paths`` only."""
         signer = CryptoSigner.generate_ed25519()

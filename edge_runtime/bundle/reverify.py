@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime._util.fsutil import read_capped
 from edge_runtime.bundle.manifest import Manifest
 from edge_runtime.bundle.manifest_parse import parse_manifest
+from edge_runtime.bundle.publisher_keys import MAX_BYTES, PublisherKeys, parse_publisher_keys
 from edge_runtime.bundle.signing import load_trusted_keys, verify_threshold
-from edge_runtime.errors import IntegrityError, ManifestError, SignatureError
+from edge_runtime.errors import ConfigError, IntegrityError, ManifestError, SignatureError
 
 __all__ = ["Trust", "VerifiedManifest", "read_verified_manifest"]
 
@@ -37,13 +38,36 @@ class Trust:
 
     trust_dir: Path
     threshold: int
+    delivered: Path | None = None
+    """The publisher-keys document an update repository delivered (``<state>/trust/``): while it
+    exists, its keys and threshold replace the trust dir's (:mod:`edge_runtime.bundle.publisher_keys`)."""
+
+    def _delivered(self) -> PublisherKeys | None:
+        if self.delivered is None:
+            return None
+        try:
+            data = read_capped(self.delivered, MAX_BYTES)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ConfigError(f"{self.delivered}: unreadable ({e.strerror or e})") from e
+        try:
+            return parse_publisher_keys(data)
+        except ManifestError as e:
+            raise ConfigError(f"{self.delivered}: {e.one_line()}") from e
 
     def keys(self) -> dict[str, Ed25519PublicKey]:
-        """The publisher keys in the trust dir now.
+        """The publisher keys trusted now: the delivered ones, else those in the trust dir.
 
-        Raises ConfigError: the trust dir is missing or holds an invalid key.
+        Raises ConfigError: the trust dir is missing or holds an invalid key, or the delivered document is bad.
         """
-        return load_trusted_keys(self.trust_dir)
+        delivered = self._delivered()
+        return delivered.keys if delivered is not None else load_trusted_keys(self.trust_dir)
+
+    def required(self) -> int:
+        """How many of :meth:`keys` must have signed. Raises ConfigError like :meth:`keys`."""
+        delivered = self._delivered()
+        return delivered.threshold if delivered is not None else self.threshold
 
 
 @dataclass(frozen=True)
@@ -94,8 +118,9 @@ def read_verified_manifest(directory: Path, name: str, version: int, *, trust: T
 def _check_signature(directory: Path, name: str, version: int, manifest_bytes: bytes, trust: Trust,
                      max_signature_bytes: int) -> tuple[str, ...]:
     what = f"{name} v{version} manifest signature"
-    if trust.threshold < 1:
-        raise SignatureError(f"signature threshold must be at least 1, got {trust.threshold}")
+    threshold = trust.required()
+    if threshold < 1:
+        raise SignatureError(f"signature threshold must be at least 1, got {threshold}")
     keys = trust.keys()  # before reading the sig: a broken trust dir is a config error, not this version's
     sig_path = directory / "manifest.sig"
     try:
@@ -103,6 +128,6 @@ def _check_signature(directory: Path, name: str, version: int, manifest_bytes: b
     except OSError as e:
         raise SignatureError(f"{what}: {sig_path} is unreadable: {e.strerror or e}") from e
     try:
-        return tuple(verify_threshold(manifest_bytes, signature, keys, trust.threshold))
+        return tuple(verify_threshold(manifest_bytes, signature, keys, threshold))
     except SignatureError as e:
         raise SignatureError(f"{what} does not verify with the keys trusted now: {e}") from e

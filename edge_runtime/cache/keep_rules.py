@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 
 from edge_runtime._util.fsutil import fsync_dir, remove_tree
-from edge_runtime.cache.layout import CacheLayout, Fault, cache_errors
-from edge_runtime.cache.state import StateStore
+from edge_runtime.cache.layout import CacheLayout, Fault, cache_errors, read_link
+from edge_runtime.cache.state import State, StateStore
 from edge_runtime.errors import CacheError
 
-__all__ = ["GC_STEPS", "collect_old", "removable_versions", "remove_version"]
+__all__ = ["GC_STEPS", "collect_old", "removable_versions", "remove_revoked", "remove_version"]
 
 GC_STEPS = ("gc:trashed", "gc:removed")
 
@@ -62,6 +62,39 @@ def remove_version(layout: CacheLayout, state: StateStore, name: str, version: i
         if version not in removable_versions(layout, state, name):
             raise CacheError(f"{name} v{version} is active, previous, pinned or on probation: kept")
         _trash(layout, name, version, fault)
+
+
+def remove_revoked(layout: CacheLayout, state: StateStore, name: str, version: int, fault: Fault) -> int:
+    """Delete a version whose manifest no longer verifies with the keys trusted now, whatever it is.
+
+    Unlike :func:`remove_version` an active or previous version goes too (its link is removed: the
+    daemon may still serve it from memory until the next swap), and a pin or probation record of it is
+    dropped. The anti-rollback floor is then recomputed from the versions that remain, so a version
+    signed by a revoked key stops pinning it. Returns the new floor.
+
+    Raises CacheError: the file system failed or the state is corrupt.
+    """
+    with state.locked(), cache_errors(f"cannot remove revoked {name} v{version}"):
+        ndir = layout.name_dir(name)
+        for which in ("active", "previous"):
+            if read_link(ndir / which) == version:
+                (ndir / which).unlink()
+        fsync_dir(ndir)
+        if layout.is_version_dir(name, version):
+            _trash(layout, name, version, fault)
+        remaining = [v for v in layout.versions(name) if v != version]
+        floor = max(remaining, default=0)
+
+        def forget(s: State) -> State:
+            model = s.model(name)
+            probation = model.probation
+            if probation is not None and version in (probation.version, probation.previous):
+                probation = None
+            return s.with_model(name, highest=floor, pinned=None if model.pinned == version else model.pinned,
+                                probation=probation)
+
+        state.update(forget)
+        return floor
 
 
 def _trash(layout: CacheLayout, name: str, version: int, fault: Fault) -> None:

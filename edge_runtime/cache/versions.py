@@ -32,7 +32,7 @@ from edge_runtime.bundle.manifest import Manifest, StagedBundle
 from edge_runtime.bundle.manifest_parse import parse_manifest
 from edge_runtime.bundle.reverify import Trust, VerifiedManifest, read_verified_manifest
 from edge_runtime.bundle.staging_owner import sweep_staging
-from edge_runtime.cache.keep_rules import GC_STEPS, collect_old, removable_versions, remove_version
+from edge_runtime.cache.keep_rules import GC_STEPS, collect_old, removable_versions, remove_revoked, remove_version
 from edge_runtime.cache.layout import CacheLayout, Fault, cache_errors, check_hashes, check_layout, read_link
 from edge_runtime.cache.model_info import ModelInfo, list_models
 from edge_runtime.cache.recovery import recover_cache
@@ -318,6 +318,13 @@ class ModelCache:
         Raises CacheError: the version is not removable (any more), or the file system failed.
         """
         remove_version(self._layout, self.state, name, version, self._fault)
+
+    def remove_revoked(self, name: str, version: int) -> int:
+        """Delete a version that rests on a revoked key (even active or previous); returns the new floor.
+
+        Raises CacheError: the file system failed or the state is corrupt.
+        """
+        return remove_revoked(self._layout, self.state, name, version, self._fault)
 
     def recover(self) -> list[str]:
         """Repair the cache at start-up; return one human-readable note per repair.

@@ -82,7 +82,7 @@ class Context:
         if self._store is None:
             store = ModelStore(self.config)
             # The daemon does both at its start; a CLI command must not wait for one (issue 9 §6).
-            recovery = recover_state(store.cache, store.trusted_keys, self.config.trust.threshold)
+            recovery = recover_state(store.cache, store.trusted_keys, store.threshold())
             if recovery is not None:
                 print(f"warning: {recovery.one_line()}", file=sys.stderr)
             store.cache.sweep_staging()

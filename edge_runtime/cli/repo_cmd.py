@@ -1,4 +1,4 @@
-"""``edge-runtime repo init|add|remove|publish|rotate|refresh-timestamp``: the publisher's TUF repository.
+"""``edge-runtime repo init|add|keys|remove|publish|rotate|refresh-timestamp``: the publisher's TUF repository.
 
 See :mod:`edge_runtime.fleet.repository` for the layout and the roles. A typical release::
 
@@ -45,6 +45,14 @@ def _init(ctx: Context, args: argparse.Namespace) -> int:
 def _add(ctx: Context, args: argparse.Namespace) -> int:
     added = Repository(args.dir).add(args.bundle, _signers(args.targets_key), _expiry(args))
     emit(ctx, {"targets": added}, f"added {', '.join(added)}; run `repo publish` to make it visible")
+    return 0
+
+
+def _keys(ctx: Context, args: argparse.Namespace) -> int:
+    path = Repository(args.dir).set_publisher_keys(args.publisher_key, args.threshold or len(args.publisher_key),
+                                                   _signers(args.targets_key), _expiry(args))
+    emit(ctx, {"target": path}, f"publisher keys set ({path}); run `repo publish`: devices adopt them and "
+                                "drop the versions only revoked keys signed")
     return 0
 
 
@@ -103,6 +111,12 @@ def register(verbs: Any) -> None:
     p.add_argument("bundle", type=Path, nargs="+", metavar="BUNDLE")
     p.add_argument("--targets-key", type=Path, action="append", required=True)
     p.set_defaults(handler=_add)
+
+    p = parser("keys", "deliver the keys that sign bundle manifests (rotates them on every device)", "targets")
+    p.add_argument("--publisher-key", type=Path, action="append", required=True, metavar="KEY.pub")
+    p.add_argument("--threshold", type=int, default=0, help="manifest signatures needed (default: all keys)")
+    p.add_argument("--targets-key", type=Path, action="append", required=True)
+    p.set_defaults(handler=_keys)
 
     p = parser("remove", "remove a model's target", "targets")
     p.add_argument("model")

@@ -17,6 +17,7 @@ securesystemslib ``Signer`` (the README says how). Everything is built with
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -31,8 +32,10 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edge_runtime._util.fsutil import make_private_dir, sha256_file
+from edge_runtime.bundle.publisher_keys import TARGET_PATH as KEYS_TARGET
+from edge_runtime.bundle.publisher_keys import build_publisher_keys
 from edge_runtime.bundle.reader import inspect_bundle
-from edge_runtime.bundle.signing import load_private_key
+from edge_runtime.bundle.signing import load_private_key, load_public_key
 from edge_runtime.config.model import Limits
 from edge_runtime.errors import ConfigError, InputError, ManifestError
 
@@ -173,6 +176,24 @@ class Repository:
             added.append(path)
         self._bump_targets(targets, signers, expiry)
         return added
+
+    def set_publisher_keys(self, public_keys: Sequence[Path], threshold: int, signers: Sequence[CryptoSigner],
+                           expiry: Expiry) -> str:
+        """Deliver the keys that sign bundle manifests (target ``trust/publisher-keys.json``) in a new
+        targets version; devices adopt them and drop what only revoked keys signed. Returns the target path.
+
+        Raises:
+            ConfigError: a key file is not an Ed25519 public key. ManifestError: a bad threshold.
+        """
+        data = build_publisher_keys([load_public_key(p) for p in public_keys], threshold)
+        targets = self.targets()
+        digest = hashlib.sha256(data).hexdigest()
+        dest = self.targets_dir / "trust" / f"{digest}.publisher-keys.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        targets.signed.targets[KEYS_TARGET] = TargetFile(len(data), {"sha256": digest}, KEYS_TARGET)
+        self._bump_targets(targets, signers, expiry)
+        return KEYS_TARGET
 
     def remove(self, model: str, signers: Sequence[CryptoSigner], expiry: Expiry) -> None:
         """Remove ``model``'s target (devices keep what they have). Raises InputError: not there."""

@@ -29,6 +29,7 @@ EventKind = Literal[
     # updates (OTA) and activation
     "update_available", "update_installed", "update_failed", "gate_failed", "activated", "activation_failed",
     "probation_started", "committed", "rolled_back", "rollback_failed", "load_failed", "reloaded",
+    "trust_updated", "versions_revoked",
     # operator commands
     "operator_rollback", "pinned", "unpinned", "messages_dropped",
     # pipelines and their sources

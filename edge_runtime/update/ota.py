@@ -23,6 +23,8 @@ from edge_runtime import __version__
 from edge_runtime._util.progress import Clock, Heartbeat, beating_wait
 from edge_runtime._util.retry_policy import redact_url
 from edge_runtime._util.wall_clock import CLOCK_FLOOR
+from edge_runtime.bundle.publisher_keys import MAX_BYTES as MAX_KEYS_BYTES
+from edge_runtime.bundle.publisher_keys import TARGET_PATH as KEYS_TARGET
 from edge_runtime.bundle.requirements import check_runtime_and_hardware
 from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.cache.disk_room import make_room_for_download
@@ -36,6 +38,7 @@ from edge_runtime.update.fetcher import Fetcher
 from edge_runtime.update.state_recovery import keep_channel_document
 from edge_runtime.update.store import ModelStore
 from edge_runtime.update.transport import HttpFetcher
+from edge_runtime.update.trust_rotation import adopt_publisher_keys, sweep_revoked
 from edge_runtime.update.tuf_client import ModelTarget, TufRepository
 
 __all__ = ["OtaUpdater", "UpdateResult"]
@@ -151,7 +154,7 @@ class OtaUpdater:
         signature = self.fetcher.fetch_bytes(url + ".sig", cap)  # detached, like manifest.sig
         cache = self.store.cache
         channel = parse_channel(data, signature, trusted=self.store.trusted_keys(),
-                                threshold=self.store.config.trust.threshold, now=self.now(),
+                                threshold=self.store.threshold(), now=self.now(),
                                 min_sequence=cache.state.load().channel_sequence, base_url=url)
         cache.state.update(
             lambda s: dataclasses.replace(s, channel_sequence=max(s.channel_sequence, channel.sequence)))
@@ -249,6 +252,7 @@ class OtaUpdater:
                              cache.state_dir, self.fetcher, cache.staging_root(),
                              max_metadata_bytes=self.config.max_channel_bytes)
         repo.refresh()
+        self._follow_publisher_keys(repo)
         results = []
         for name in sorted(set(cache.names()) | set(self.config.models)):
             self.progress.beat()
@@ -270,6 +274,24 @@ class OtaUpdater:
             except EdgeRuntimeError as e:
                 _log.warning("update of %s to v%s failed: %s", name, target.version, e.one_line())
         return results
+
+    def _follow_publisher_keys(self, repo: TufRepository) -> None:
+        """Adopt the repository's publisher keys (when it delivers them); on a change remove what rests on
+        revoked keys. A bad document is refused with an event and changes nothing."""
+        cache = self.store.cache
+        dest = cache.staging_root() / f"publisher-keys.{owner_tag()}.json"
+        try:
+            data = repo.small_target(KEYS_TARGET, MAX_KEYS_BYTES, dest)
+            if data is None or not adopt_publisher_keys(self.store, data):
+                return
+        except EdgeRuntimeError as e:
+            self.events.emit("update_failed", reason=f"publisher keys from the repository refused: {e.one_line()}")
+            return
+        keys = self.store.trusted_keys()
+        self.events.emit("trust_updated", reason=f"publisher keys {', '.join(k[:16] for k in sorted(keys))} "
+                                                 f"(threshold {self.store.threshold()}) from TUF target {KEYS_TARGET}",
+                         key_ids=sorted(keys), threshold=self.store.threshold())
+        sweep_revoked(self.store, self.activator, self.events)
 
     def _wanted(self, target: ModelTarget) -> bool:
         """A newer version this device may take: above the floor, not pinned, not refused, compatible.

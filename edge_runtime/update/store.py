@@ -22,7 +22,6 @@ from edge_runtime.bundle.manifest import Manifest, StagedBundle
 from edge_runtime.bundle.reader import read_bundle
 from edge_runtime.bundle.requirements import check_requirements, device_tags
 from edge_runtime.bundle.reverify import Trust
-from edge_runtime.bundle.signing import load_trusted_keys
 from edge_runtime.cache.disk_room import make_room
 from edge_runtime.cache.state import FailedVersion
 from edge_runtime.cache.versions import Check, Fault, ModelCache
@@ -41,7 +40,10 @@ from edge_runtime.runtime.gate_child import ChildBudget, gate_in_child
 from edge_runtime.runtime.gates import GateReport
 from edge_runtime.runtime.loaded_model import LoadedModel
 
-__all__ = ["InstallResult", "ModelStore"]
+__all__ = ["DELIVERED_KEYS", "InstallResult", "ModelStore"]
+
+DELIVERED_KEYS = "publisher-keys.json"
+"""Under ``<state>/trust/``: the publisher keys the update repository delivered (they replace the trust dir's)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,12 @@ class ModelStore:
     def __init__(self, config: Config, *, fault: Fault | None = None,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> None:
         self.config = config
-        # The cache re-verifies every manifest it reads with the keys trusted at that moment.
+        # Publisher keys: delivered by the update repository (state/trust/), else the trust dir's.
+        self.trust = Trust(config.trust_dir, config.trust.threshold, config.state_dir / "trust" / DELIVERED_KEYS)
         self.cache = ModelCache(config.state_dir, config.keep_versions, fault,
                                 max_manifest_bytes=config.limits.max_manifest_bytes,
                                 max_signature_bytes=config.limits.max_signature_bytes,
-                                trust=Trust(config.trust_dir, config.trust.threshold))
+                                trust=self.trust)
         self.clock = clock
 
     # ------------------------------------------------------------------ plumbing
@@ -81,11 +84,16 @@ class ModelStore:
         )
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
-        """Publisher keys from the trust dir (read on every call: keys can rotate).
+        """Publisher keys trusted now (read on every call: keys rotate): those the update repository
+        delivered, else the trust dir's.
 
         Raises ConfigError: the trust dir is missing or holds an invalid key.
         """
-        return load_trusted_keys(self.config.trust_dir)
+        return self.trust.keys()
+
+    def threshold(self) -> int:
+        """Manifest signatures needed now: the delivered publisher-keys document's, else ``[trust] threshold``."""
+        return self.trust.required()
 
     def device_tags(self) -> set[str]:
         """Hardware tags a bundle's ``requires.hardware`` is matched against."""
@@ -126,7 +134,7 @@ class ModelStore:
                                     f"channel signed it as {expect[0]} v{expect[1]} (mix-and-match refused)")
             self.accept(manifest)
 
-        return read_bundle(bundle, trusted=self.trusted_keys(), threshold=self.config.trust.threshold,
+        return read_bundle(bundle, trusted=self.trusted_keys(), threshold=self.threshold(),
                            limits=self.config.limits, staging_root=self.cache.staging_root(),
                            accept=accept)
 

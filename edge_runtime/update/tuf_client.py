@@ -177,6 +177,25 @@ class TufRepository:
             return None
         return _model_target(name, info)
 
+    def small_target(self, path: str, max_bytes: int, dest: Path) -> bytes | None:
+        """The content of target ``path`` when the repository has it (at most ``max_bytes``), else None.
+
+        Raises:
+            SizeLimitError: the target is declared larger than ``max_bytes``. And what :meth:`download` raises.
+        """
+        with tuf_errors_converted(f"resolving {path}"):
+            info = self._updater.get_targetinfo(path)
+        if info is None:
+            return None
+        if info.length > max_bytes:
+            raise SizeLimitError(f"TUF target {path} is {info.length} bytes, over the {max_bytes}-byte cap")
+        with tuf_errors_converted(f"downloading {path}"):
+            self._updater.download_target(info, str(dest))
+        try:
+            return dest.read_bytes()
+        finally:
+            dest.unlink(missing_ok=True)
+
     def download(self, target: ModelTarget, dest: Path) -> Path:
         """Download ``target`` to ``dest``, checked against its signed length and hashes.
 
