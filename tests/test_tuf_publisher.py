@@ -98,3 +98,45 @@ def test_repo_commands_refuse_bad_input_with_one_line(tmp_path: Path) -> None:
     junk.write_bytes(b"not a tar")
     bad = cli("repo", "add", repo, junk, "--targets-key", k["other"], check=False)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_air_gapped_device_installs_from_a_copied_repository_with_the_same_checks(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo) -> None:
+    import shutil
+
+    k = _keys(tmp_path, "root", "targets", "snapshot", "timestamp")
+    repo = tmp_path / "repo"
+    cli("repo", "init", repo, "--root-key", k["root"], "--targets-key", k["targets"], "--snapshot-key",
+        k["snapshot"], "--timestamp-key", k["timestamp"], "--timestamp-days", "30", "--snapshot-days", "30")
+    bundle = pack_onnx(tmp_path / "v3.bundle", zoo("ppocr_cls"), 3, keys["a"], tmp_path, gates=Gates())
+    cli("repo", "add", repo, bundle, "--targets-key", k["targets"])
+    # Long-lived metadata for a site that stays offline: timestamp and snapshot valid for 30 days.
+    cli("repo", "publish", repo, "--snapshot-key", k["snapshot"], "--timestamp-key", k["timestamp"],
+        "--snapshot-days", "30", "--timestamp-days", "30")
+    trust = tmp_path / "device-trust"
+    shutil.copytree(keys["trust_dir"], trust)
+    shutil.copy(repo / "metadata" / "1.root.json", trust / "root.json")
+    config = tmp_path / "device.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\ntrust_dir = "{trust}"\n')
+    usb = tmp_path / "usb" / "repo"
+    shutil.copytree(repo, usb)
+    # A tampered copy: the bundle's bytes no longer match the signed hash.
+    target = next((usb / "targets" / "models").iterdir())
+    good = target.read_bytes()
+    target.write_bytes(good[:-10] + b"0123456789")
+    bad = cli("models", "install", "--from-repo", usb, "--model", "ppocr-cls", "--config", config, check=False)
+    listed = cli("models", "list", "--config", config, "--json").stdout
+    assert json.loads(listed) == [] and bad.returncode != 0 and "does not match expected hash" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    target.write_bytes(good)
+    out = cli("models", "install", "--from-repo", usb, "--model", "ppocr-cls", "--config", config, "--json")
+    assert json.loads(out.stdout) == [{"name": "ppocr-cls", "version": 3, "active": True}]
+    again = cli("models", "install", "--from-repo", usb, "--config", config)
+    assert "nothing newer" in again.stdout
+    # Expired metadata on the stick is refused, whatever is on it.
+    cli("repo", "refresh-timestamp", repo, "--timestamp-key", k["timestamp"], "--timestamp-days", "-1")
+    shutil.copy(repo / "metadata" / "timestamp.json", usb / "metadata" / "timestamp.json")
+    expired = cli("models", "install", "--from-repo", usb, "--config", config, check=False)
+    assert expired.returncode != 0 and "expired" in expired.stderr and len(expired.stderr.strip().splitlines()) == 1
+    usage = cli("models", "install", "--config", config, check=False)
+    assert usage.returncode != 0 and "BUNDLE or --from-repo" in usage.stderr

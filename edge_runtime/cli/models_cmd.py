@@ -9,8 +9,10 @@ from typing import Any
 
 from edge_runtime.cache.pins import pin_refusal
 from edge_runtime.cli.common import Context, emit, verb_parser
-from edge_runtime.errors import CacheError, EdgeRuntimeError, SignatureError
+from edge_runtime.errors import CacheError, EdgeRuntimeError, SignatureError, UsageError
 from edge_runtime.runtime.gates import GateReport
+from edge_runtime.telemetry.events import EventBus
+from edge_runtime.update.ota import OtaUpdater
 
 __all__ = ["register"]
 
@@ -29,12 +31,32 @@ def _gate_json(report: GateReport | None) -> dict[str, Any] | None:
 
 
 def _install(ctx: Context, args: argparse.Namespace) -> int:
+    if (args.bundle is None) == (args.from_repo is None):
+        raise UsageError("give a BUNDLE or --from-repo DIR (one of them)")
+    if args.from_repo is not None:
+        return _install_from_repo(ctx, args)
+    if args.model:
+        raise UsageError("--model goes with --from-repo")
     result = ctx.store.install(args.bundle, activate=not args.no_activate, gates=not args.no_gates,
                                force=args.force)
     m = result.manifest
     state = "active" if result.active else "installed, not active"
     emit(ctx, {"name": m.name, "version": m.version, "active": result.active, "gates": _gate_json(result.gates)},
          f"installed {m.name} v{m.version} ({state}; {_gate_text(result.gates)})")
+    return 0
+
+
+def _install_from_repo(ctx: Context, args: argparse.Namespace) -> int:
+    """A copied TUF repository (USB, air-gapped): the same verification as OTA, from the device's trusted root."""
+    if args.no_activate or args.no_gates or args.force:
+        raise UsageError("--from-repo installs as OTA does: gated and activated (no --no-activate/--no-gates/--force)")
+    ota = dataclasses.replace(ctx.config.ota, repository_url=str(args.from_repo.resolve()),
+                              models=tuple(args.model))
+    events = EventBus(ctx.store.config.state_dir / "events.jsonl")
+    results = OtaUpdater(ota, ctx.store, None, events).poll_repository(raise_failures=True)
+    emit(ctx, [dataclasses.asdict(r) for r in results],
+         "\n".join(f"installed {r.name} v{r.version} from {args.from_repo} ({'active' if r.active else 'not active'})"
+                   for r in results) or f"nothing newer in {args.from_repo}")
     return 0
 
 
@@ -88,7 +110,11 @@ def register(verbs: Any) -> None:
     sub = models.add_subparsers(dest="models_verb", metavar="SUBVERB", required=True)
 
     p = verb_parser(sub, "install", "verify a bundle, gate it on this device, install and activate it")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", nargs="?")
+    p.add_argument("--from-repo", type=Path, metavar="DIR",
+                   help="a copied TUF repository (USB, air-gapped): install what it offers, verified as OTA is")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="with --from-repo: also a model not in the cache yet (repeat)")
     p.add_argument("--no-activate", action="store_true", help="install into the cache only")
     p.add_argument("--no-gates", action="store_true", help="skip loading and golden/latency gates")
     p.add_argument("--force", action="store_true", help="try a version whose gate failed before")

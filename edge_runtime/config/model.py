@@ -135,11 +135,18 @@ class GatesConfig:
     child_timeout_seconds: float = field(default=60.0, metadata={"check": in_range(1, 3600)})
 
 
+def _repository(value: Any) -> str:
+    """A TUF repository: an http(s) URL, or an absolute path to a copied one (air-gapped, USB)."""
+    if not value or (isinstance(value, str) and value.startswith("/")):
+        return ""
+    return _url("https", "http")(value).replace("a URL with scheme", "an absolute path or a URL with scheme")
+
+
 @dataclass(frozen=True)
 class OtaConfig:
     """Pulling signed bundles: from a TUF repository (``repository_url``), or a signed channel document."""
 
-    repository_url: str = field(default="", metadata={"check": _url("https", "http")})
+    repository_url: str = field(default="", metadata={"check": _repository})
     models: tuple[str, ...] = ()
     channel_url: str = field(default="", metadata={"check": _url("https", "http")})
     poll_seconds: float = field(default=600.0, metadata={"check": in_range(0.1, 86400 * 7)})

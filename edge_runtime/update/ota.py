@@ -39,7 +39,7 @@ from edge_runtime.update.state_recovery import keep_channel_document
 from edge_runtime.update.store import ModelStore
 from edge_runtime.update.transport import HttpFetcher
 from edge_runtime.update.trust_rotation import adopt_publisher_keys, sweep_revoked
-from edge_runtime.update.tuf_client import ModelTarget, TufRepository
+from edge_runtime.update.tuf_client import DirectoryFetcher, Downloads, ModelTarget, TufRepository
 
 __all__ = ["OtaUpdater", "UpdateResult"]
 
@@ -65,7 +65,7 @@ class OtaUpdater:
     ``update_from_url`` is also the path of the fleet ``update`` command.
     """
 
-    def __init__(self, config: OtaConfig, store: ModelStore, activator: Activator, events: EventBus, *,
+    def __init__(self, config: OtaConfig, store: ModelStore, activator: Activator | None, events: EventBus, *,
                  fetcher: Fetcher | None = None,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
                  poll_seconds: Callable[[], float] | None = None, clock: Clock | None = None) -> None:
@@ -88,6 +88,13 @@ class OtaUpdater:
         if self._fetcher is None:
             self._fetcher = HttpFetcher.from_config(self.config)
         return self._fetcher
+
+    def _repository_fetcher(self) -> Downloads:
+        """How the TUF repository is read: from a local directory (a copied repository), else over HTTP."""
+        url = self.config.repository_url
+        if url.startswith("/"):
+            return DirectoryFetcher(Path(url))
+        return self.fetcher
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,8 +225,12 @@ class OtaUpdater:
                 name, version = result.manifest.name, result.manifest.version
                 self.events.emit("update_installed", model=name, version=version, reason=f"from {where}")
                 dest.unlink(missing_ok=True)
-                if pin_refusal(cache, name, version) is None:  # a pinned model only gets the version installed
+                if pin_refusal(cache, name, version) is not None:
+                    pass  # a pinned model only gets the version installed
+                elif self.activator is not None:
                     self.activator.activate(name, version, reason=f"OTA update from {where}", gated=result.gates)
+                else:  # the CLI (`models install --from-repo`): the daemon serves it after `reload` / SIGHUP
+                    self.store.activate(name, version, gates=False)
             except EdgeRuntimeError as e:
                 if not isinstance(e, FetchError):  # the fetcher keeps a resumable partial
                     dest.unlink(missing_ok=True)
@@ -228,16 +239,21 @@ class OtaUpdater:
                 self.events.emit("update_failed", model=name, version=version or None,
                                  reason=f"{where}: {e.one_line()}")
                 raise
-            return UpdateResult(name, version, self.activator.on_probation(name) == version)
+            active = (self.activator.on_probation(name) == version if self.activator is not None
+                      else cache.active_version(name) == version)
+            return UpdateResult(name, version, active)
 
     # ------------------------------------------------------------------ TUF repository
 
-    def poll_repository(self) -> list[UpdateResult]:
+    def poll_repository(self, *, raise_failures: bool = False) -> list[UpdateResult]:
         """Refresh the TUF repository (``repository_url``), then apply every newer model it offers.
 
         The models looked up are those in the cache and ``ota.models``. Each target's
         ``custom`` (model, version, requirements) is checked before its download; the
         bundle must then be that model and version, and verify as ever.
+
+        A model that fails is logged with an ``update_failed`` event and the others go on;
+        with ``raise_failures`` the first such error is raised once all were tried (the CLI).
 
         Raises:
             FetchError, SignatureError, RollbackError, IncompatibleError (expired metadata),
@@ -249,11 +265,12 @@ class OtaUpdater:
                                     f"{CLOCK_FLOOR:.0f}), so TUF expiry cannot be judged; the current models serve")
         cache = self.store.cache
         repo = TufRepository(self.config.repository_url, self.store.config.trust_dir / "root.json",
-                             cache.state_dir, self.fetcher, cache.staging_root(),
+                             cache.state_dir, self._repository_fetcher(), cache.staging_root(),
                              max_metadata_bytes=self.config.max_channel_bytes)
         repo.refresh()
         self._follow_publisher_keys(repo)
         results = []
+        failures: list[EdgeRuntimeError] = []
         for name in sorted(set(cache.names()) | set(self.config.models)):
             self.progress.beat()
             try:
@@ -261,8 +278,10 @@ class OtaUpdater:
                 if target is None or not self._wanted(target):
                     continue
             except EdgeRuntimeError as e:
-                _log.warning("update of %s refused: %s", name, e.one_line())
+                if not raise_failures:  # else the caller reports it
+                    _log.warning("update of %s refused: %s", name, e.one_line())
                 self.events.emit("update_failed", model=name, reason=e.one_line())
+                failures.append(e)
                 continue
             self.events.emit("update_available", model=name, version=target.version,
                              reason=f"TUF target {target.info.path}")
@@ -272,7 +291,11 @@ class OtaUpdater:
                                            where, target.length, partial(_download_target, repo, target),
                                            (name, target.version), expect=(name, target.version)))
             except EdgeRuntimeError as e:
-                _log.warning("update of %s to v%s failed: %s", name, target.version, e.one_line())
+                if not raise_failures:
+                    _log.warning("update of %s to v%s failed: %s", name, target.version, e.one_line())
+                failures.append(e)
+        if raise_failures and failures:
+            raise failures[0]
         return results
 
     def _follow_publisher_keys(self, repo: TufRepository) -> None:

@@ -47,7 +47,7 @@ def adopt_publisher_keys(store: ModelStore, data: bytes) -> bool:
     return True
 
 
-def sweep_revoked(store: ModelStore, activator: Activator, events: EventBus) -> dict[str, list[int]]:
+def sweep_revoked(store: ModelStore, activator: Activator | None, events: EventBus) -> dict[str, list[int]]:
     """Remove every cached version that no longer verifies with the keys trusted now; name -> removed."""
     cache = store.cache
     removed: dict[str, list[int]] = {}
@@ -60,7 +60,10 @@ def sweep_revoked(store: ModelStore, activator: Activator, events: EventBus) -> 
         active = cache.active_version(name)
         if active in bad and good:
             try:
-                activator.rollback(name, good[-1], reason=f"v{active} is signed only by a revoked key", kind=None)
+                if activator is not None:
+                    activator.rollback(name, good[-1], reason=f"v{active} is signed only by a revoked key", kind=None)
+                else:
+                    cache.rollback(name, good[-1])
             except EdgeRuntimeError as e:
                 _log.error("cannot move %s off revoked v%s: %s", name, active, e.one_line())
         floor = cache.floor(name)

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
@@ -35,7 +35,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from edge_runtime._util.fsutil import make_private_dir
+from edge_runtime._util.fsutil import CappedReadError, make_private_dir, read_capped
 from edge_runtime._util.retry_policy import redact_url
 from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.errors import (
@@ -48,9 +48,9 @@ from edge_runtime.errors import (
     SignatureError,
     SizeLimitError,
 )
-from edge_runtime.update.fetcher import Fetcher
 
-__all__ = ["MODEL_TARGET", "ModelTarget", "TufFetcher", "TufRepository", "model_target_path"]
+__all__ = ["MODEL_TARGET", "DirectoryFetcher", "Downloads", "ModelTarget", "TufFetcher", "TufRepository",
+           "model_target_path"]
 
 _log = logging.getLogger(__name__)
 MODEL_TARGET = "models/{name}.bundle"
@@ -81,6 +81,56 @@ class ModelTarget:
         return str(self.info.hashes.get("sha256", ""))
 
 
+class Downloads(Protocol):
+    """The two downloads ngclient needs (:class:`Fetcher` over HTTP, :class:`DirectoryFetcher` from a copy)."""
+
+    def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
+        """At most ``max_bytes`` of ``url``. Raises FetchError (``status`` 404 when missing), SizeLimitError."""
+        ...
+
+    def fetch_to_file(self, url: str, dest: Path, *, max_bytes: int, expected_size: int | None = None,
+                      expected_sha256: str | None = None) -> object:
+        """``url`` into ``dest`` (at most ``max_bytes``). Raises like :meth:`fetch_bytes`."""
+        ...
+
+
+class DirectoryFetcher:
+    """A copied TUF repository on a local path (a USB stick, an air-gapped site): the same checks, no network.
+
+    Only regular files inside ``root`` are read (no symlink is followed), with the same caps.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, url: str) -> Path:
+        path = Path(url)
+        try:
+            inside = path.resolve(strict=False).is_relative_to(self.root.resolve())
+        except OSError:
+            inside = False
+        if not inside or path.is_symlink():
+            raise FetchError(f"{url}: not a file of the repository {self.root}", status=404)
+        return path
+
+    def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
+        path = self._path(url)
+        try:
+            return read_capped(path, max_bytes)
+        except CappedReadError as e:
+            raise SizeLimitError(f"{path}: over the {max_bytes}-byte cap") from e
+        except FileNotFoundError as e:
+            raise FetchError(f"{path}: not in the repository", status=404) from e
+        except OSError as e:
+            raise FetchError(f"{path}: unreadable ({e.strerror or e})") from e
+
+    def fetch_to_file(self, url: str, dest: Path, *, max_bytes: int, expected_size: int | None = None,
+                      expected_sha256: str | None = None) -> None:
+        data = self.fetch_bytes(url, max_bytes)  # targets here are bundles within the bundle cap
+        with open(dest, "wb") as fh:
+            fh.write(data)
+
+
 class TufFetcher(FetcherInterface):
     """ngclient's network I/O through our :class:`Fetcher` (caps, deadline, resume, TLS).
 
@@ -88,7 +138,7 @@ class TufFetcher(FetcherInterface):
     or its configured maximum for timestamp and root); our fetcher cuts off past it.
     """
 
-    def __init__(self, fetcher: Fetcher, staging: Path) -> None:
+    def __init__(self, fetcher: Downloads, staging: Path) -> None:
         self._fetcher = fetcher
         self._staging = staging
 
@@ -129,7 +179,7 @@ def _download_errors(url: str, max_length: int) -> Iterator[None]:
 class TufRepository:
     """One refresh of the TUF repository at ``url`` (ngclient refreshes once per Updater)."""
 
-    def __init__(self, url: str, bootstrap_root: Path, state_dir: Path, fetcher: Fetcher, staging: Path,
+    def __init__(self, url: str, bootstrap_root: Path, state_dir: Path, fetcher: Downloads, staging: Path,
                  *, max_metadata_bytes: int = 2 << 20) -> None:
         """Raises:
             SignatureError: the bootstrap or the trusted root does not verify, or is missing.
