@@ -285,7 +285,7 @@ BAD_ARGS = [  # (verb, args, the argument or setting the message must name)
     ("pin", {"model": MODEL}, "'args.version' is required"),
     ("pin", {"model": MODEL, "version": True}, "'args.version' must be an integer"),
     ("unpin", {}, "'args.model' is required"),
-    ("update", {}, "'args.url' is required"),
+    ("update", {}, "either args.target (a TUF target path) or args.url"),
     ("update", {"url": 7}, "'args.url' must be a string"),
     ("update", {"url": "http://x/b", "sha256": "abc"}, "'args.sha256': must be 64 lowercase hex"),
     ("update", {"url": "http://x/b", "size": -1}, "'args.size': must be between 1"),

@@ -303,3 +303,40 @@ def test_a_leaked_publisher_key_is_revoked_over_the_air_and_the_pinned_floor_rec
     # What the leaked key signs is refused from now on, even by a manual install.
     with pytest.raises(SignatureError):
         device.store.install(_bundle(tmp_path, keys, zoo, 5))
+
+
+def test_fleet_update_names_a_tuf_target_and_a_bare_url_is_refused_on_a_tuf_device(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
+    import json
+    import time
+
+    from edge_runtime.commands.handlers import DeviceCommands
+    from edge_runtime.commands.parse import Command
+    from edge_runtime.commands.runtime_settings import RuntimeSettings
+    from edge_runtime.errors import CacheError, CommandError
+
+    repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
+    repo.publish()
+    device = _device(tmp_path, keys, zoo, repo)
+    handlers = DeviceCommands(device.activator, device.ota, device.store,
+                              RuntimeSettings.from_config(device.store.config), dict).handlers()
+
+    def update(args: dict[str, object]) -> object:
+        return handlers["update"](Command("update", "c1", time.time(), args))
+
+    reply = update({"target": "models/ppocr-cls.bundle"})
+    assert json.loads(reply.to_json())["data"] == {"model": "ppocr-cls", "version": 3, "active": True}
+    assert device.version() == 3
+    with pytest.raises(RollbackError, match="not above the anti-rollback floor"):
+        update({"target": "models/ppocr-cls.bundle"})
+    with pytest.raises(CacheError, match=r"has no target models/other\.bundle"):
+        update({"target": "models/other.bundle"})
+    with pytest.raises(CacheError, match="not a model target"):
+        update({"target": "../../etc/passwd"})
+    with pytest.raises(IncompatibleError, match="through its TUF repository"):
+        update({"url": server.url("/x.bundle")})
+    with pytest.raises(CommandError, match=r"either args\.target"):
+        update({})
+    with pytest.raises(CommandError, match="hashes are signed"):
+        update({"target": "models/ppocr-cls.bundle", "sha256": "0" * 64})
+    assert _downloads(server) == [next(p for p in _downloads(server))]  # only the one install downloaded

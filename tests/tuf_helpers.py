@@ -207,6 +207,7 @@ class Device:
     service: InferenceService
     ota: OtaUpdater
     events: list[dict[str, object]]
+    activator: Activator
 
     def version(self) -> int:
         return self.service.infer("ppocr-cls", {"x": ppocr_input()})[0]
@@ -231,7 +232,7 @@ def make_device(tmp_path: Path, keys: dict[str, Path], zoo: Callable[[str], Path
     activator = Activator(store, service, bus, config.activation)
     store.install(pack_onnx(tmp_path / "v1.bundle", zoo("ppocr_cls"), 1, keys["a"], tmp_path, gates=Gates()))
     activator.boot("ppocr-cls")
-    return Device(store, service, OtaUpdater(config.ota, store, activator, bus), events)
+    return Device(store, service, OtaUpdater(config.ota, store, activator, bus), events, activator)
 
 
 def serve_directory(server: FaultServer, directory: Path) -> None:

@@ -133,7 +133,11 @@ def _watch(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _rollout(ctx: Context, args: argparse.Namespace) -> int:
-    update: dict[str, Any] = {"url": args.url}
+    if (args.url is None) == (args.target is None):
+        raise CommandError("give --target PATH (a TUF target) or --url URL, one of them")
+    update: dict[str, Any] = {"target": args.target} if args.target is not None else {"url": args.url}
+    if (args.sha256 is not None or args.size is not None) and args.target is not None:
+        raise CommandError("--sha256/--size go with --url: a TUF target's length and hashes are signed")
     if args.sha256 is not None:
         update["sha256"] = args.sha256.lower()
     if args.size is not None:
@@ -229,7 +233,8 @@ def register(verbs: Any) -> None:
 
     p = verb_parser(sub, "rollout", "update online devices wave by wave; stop when a wave fails")
     _common(p)
-    p.add_argument("--url", required=True, help="bundle URL the devices download")
+    p.add_argument("--target", help="TUF target path (models/<name>.bundle) the devices resolve in their repository")
+    p.add_argument("--url", help="bundle URL the devices download (devices without a TUF repository)")
     p.add_argument("--sha256", default=None, metavar="HEX", help="expected bundle sha256 (checked by devices)")
     p.add_argument("--size", type=_number(int), default=None, metavar="N", help="expected bundle size in bytes")
     who = p.add_mutually_exclusive_group(required=True)

@@ -4,7 +4,8 @@
 
     ping     {}                                  -> {"pong": <command ts>, "device_ts": <device clock>}
     status   {}                                  -> the daemon's status dict + runtime settings
-    update   {"url": str, "sha256"?: hex, "size"?: int}   download, verify, install, activate
+    update   {"target": str}                     install what the TUF repository resolves for that target path
+    update   {"url": str, "sha256"?: hex, "size"?: int}   download, verify, install, activate (no repository)
     rollback {"model": str, "version"?: int}     serve that cached version (default: previous)
     pin      {"model": str, "version": int}      serve it, keep it from gc, skip it in OTA polling
     unpin    {"model": str}
@@ -63,6 +64,13 @@ class Updater(Protocol):
         """
         ...
 
+    def update_target(self, path: str) -> UpdateResult:
+        """Install what the TUF repository resolves for target ``path`` (then as ``update_from_url``).
+
+        Raises CommandError-worthy EdgeRuntimeErrors: no repository, no such target, refused metadata.
+        """
+        ...
+
 
 # ---------------------------------------------------------------------- handler arguments
 
@@ -85,7 +93,8 @@ class _NoArgs:
 
 @dataclass(frozen=True)
 class _UpdateArgs:
-    url: str = field(metadata={"check": _non_empty})
+    url: str = ""
+    target: str = ""
     sha256: str | None = field(default=None, metadata={"check": _hex64})
     size: int | None = field(default=None, metadata={"check": in_range(1, 2**48)})
 
@@ -168,7 +177,14 @@ class DeviceCommands:
                 ModelError: the update failed and the previous version serves.
         """
         args = _args(_UpdateArgs, command)
-        result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
+        if bool(args.url) == bool(args.target):
+            raise CommandError("update needs either args.target (a TUF target path) or args.url")
+        if args.target:
+            if args.sha256 is not None or args.size is not None:
+                raise CommandError("args.sha256/args.size go with args.url: a TUF target's hashes are signed")
+            result = self.ota.update_target(args.target)
+        else:
+            result = self.ota.update_from_url(args.url, expected_sha256=args.sha256, expected_size=args.size)
         state = "active (on probation)" if result.active else "installed, not active"
         if (refused := pin_refusal(self.store.cache, result.name, result.version)) is not None:
             state += f" ({refused})"

@@ -30,7 +30,15 @@ from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.cache.disk_room import make_room_for_download
 from edge_runtime.cache.pins import pin_refusal, pinned_version
 from edge_runtime.config.model import OtaConfig
-from edge_runtime.errors import EdgeRuntimeError, FetchError, GateError, IncompatibleError, ModelError
+from edge_runtime.errors import (
+    CacheError,
+    EdgeRuntimeError,
+    FetchError,
+    GateError,
+    IncompatibleError,
+    ModelError,
+    RollbackError,
+)
 from edge_runtime.telemetry.events import EventBus
 from edge_runtime.update.activation import Activator
 from edge_runtime.update.channel import parse_channel
@@ -198,6 +206,11 @@ class OtaUpdater:
             FetchError, BundleError, GateError, ModelError: nothing changed, or
                 the previous version was restored; an ``update_failed`` event says why.
         """
+        if self.config.repository_url:
+            # The repository's metadata says what is current and fresh; a bare URL says neither.
+            raise IncompatibleError("this device takes updates through its TUF repository ([ota] repository_url): "
+                                    "send update {target: models/<name>.bundle}")
+
         def download(dest: Path) -> None:
             self.fetcher.fetch_to_file(url, dest, max_bytes=self.store.config.limits.max_bundle_bytes,
                                        expected_size=expected_size, expected_sha256=expected_sha256)
@@ -259,16 +272,8 @@ class OtaUpdater:
             FetchError, SignatureError, RollbackError, IncompatibleError (expired metadata),
                 IntegrityError, ManifestError: the metadata is refused; nothing was downloaded.
         """
-        now = self.now().timestamp()
-        if now < CLOCK_FLOOR:  # expired metadata would look fresh to a clock in the past
-            raise IncompatibleError(f"not updating: the device clock is not set ({now:.0f} is before "
-                                    f"{CLOCK_FLOOR:.0f}), so TUF expiry cannot be judged; the current models serve")
         cache = self.store.cache
-        repo = TufRepository(self.config.repository_url, self.store.config.trust_dir / "root.json",
-                             cache.state_dir, self._repository_fetcher(), cache.staging_root(),
-                             max_metadata_bytes=self.config.max_channel_bytes)
-        repo.refresh()
-        self._follow_publisher_keys(repo)
+        repo = self._open_repository()
         results = []
         failures: list[EdgeRuntimeError] = []
         for name in sorted(set(cache.names()) | set(self.config.models)):
@@ -297,6 +302,51 @@ class OtaUpdater:
         if raise_failures and failures:
             raise failures[0]
         return results
+
+    def update_target(self, path: str) -> UpdateResult:
+        """The fleet ``update {target}``: refresh the repository and install what it resolves for ``path``.
+
+        Raises:
+            IncompatibleError: no repository configured, or the target needs another runtime/hardware.
+            CacheError: the repository has no such target. RollbackError: it is not above the floor.
+            And what :meth:`poll_repository` raises.
+        """
+        if not self.config.repository_url:
+            raise IncompatibleError("update {target} needs a TUF repository ([ota] repository_url)")
+        name = path.removeprefix("models/").removesuffix(".bundle")
+        if path != f"models/{name}.bundle" or not name:
+            raise CacheError(f"target {path[:100]!r} is not a model target (models/<name>.bundle)")
+        cache = self.store.cache
+        repo = self._open_repository()
+        target = repo.model(name)
+        if target is None:
+            raise CacheError(f"the TUF repository has no target {path}")
+        if target.version <= cache.floor(name):
+            raise RollbackError(f"{path} is v{target.version}, not above the anti-rollback floor "
+                                f"v{cache.floor(name)}")
+        check_runtime_and_hardware(f"TUF target {path} v{target.version}", target.runtime, target.hardware,
+                                   device_tags=self.store.device_tags(), runtime_version=__version__)
+        return self._apply(f"{self.config.repository_url}|{path}|{target.sha256}",
+                           f"TUF target {path} v{target.version}", target.length,
+                           partial(_download_target, repo, target), (name, target.version),
+                           expect=(name, target.version))
+
+    def _open_repository(self) -> TufRepository:
+        """The repository, refreshed (root rotations followed), with its publisher keys adopted.
+
+        Raises IncompatibleError first when the device clock is not set (TUF expiry needs it).
+        """
+        now = self.now().timestamp()
+        if now < CLOCK_FLOOR:  # expired metadata would look fresh to a clock in the past
+            raise IncompatibleError(f"not updating: the device clock is not set ({now:.0f} is before "
+                                    f"{CLOCK_FLOOR:.0f}), so TUF expiry cannot be judged; the current models serve")
+        cache = self.store.cache
+        repo = TufRepository(self.config.repository_url, self.store.config.trust_dir / "root.json",
+                             cache.state_dir, self._repository_fetcher(), cache.staging_root(),
+                             max_metadata_bytes=self.config.max_channel_bytes)
+        repo.refresh()
+        self._follow_publisher_keys(repo)
+        return repo
 
     def _follow_publisher_keys(self, repo: TufRepository) -> None:
         """Adopt the repository's publisher keys (when it delivers them); on a change remove what rests on
