@@ -340,3 +340,23 @@ def test_fleet_update_names_a_tuf_target_and_a_bare_url_is_refused_on_a_tuf_devi
     with pytest.raises(CommandError, match="hashes are signed"):
         update({"target": "models/ppocr-cls.bundle", "sha256": "0" * 64})
     assert _downloads(server) == [next(p for p in _downloads(server))]  # only the one install downloaded
+
+
+def test_a_fast_forwarded_snapshot_is_recovered_after_the_snapshot_key_is_rotated(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
+    repo.publish()
+    device = _device(tmp_path, keys, zoo, repo)
+    device.ota.poll_once()
+    # The snapshot key leaks (and the online timestamp service signs what it is handed): snapshot 2^40.
+    legit = repo.snapshot.signed.version
+    repo.snapshot.signed.version = 2**40
+    repo.publish(bump=("timestamp",))
+    device.ota.poll_once()
+    repo.snapshot.signed.version = legit
+    repo.publish()
+    with pytest.raises(RollbackError):
+        device.ota.poll_once()
+    repo.rotate("snapshot")
+    repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
+    repo.publish()
+    assert [r.version for r in device.ota.poll_once()] == [3]

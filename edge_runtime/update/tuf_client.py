@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,23 +187,33 @@ class TufRepository:
         """
         self.url = url.rstrip("/")
         self._metadata_dir = make_private_dir(state_dir / "tuf")
+        self._bootstrap = bootstrap_root
+        self._fetcher = TufFetcher(fetcher, staging)
+        self._config = UpdaterConfig(root_max_length=min(512_000, max_metadata_bytes),
+                                     timestamp_max_length=16_384, snapshot_max_length=max_metadata_bytes,
+                                     targets_max_length=max_metadata_bytes)
+        self._updater = self._new_updater()
+
+    def _new_updater(self) -> Updater:
         trusted = self._metadata_dir / "root.json"
-        source = trusted if trusted.exists() else bootstrap_root
+        source = trusted if trusted.exists() else self._bootstrap
         try:
             root = source.read_bytes()
         except OSError as e:
             raise SignatureError(f"TUF root {source}: cannot read ({e.strerror}); install the repository's "
                                  "root.json in the trust dir") from e
-        config = UpdaterConfig(root_max_length=min(512_000, max_metadata_bytes),
-                               timestamp_max_length=16_384, snapshot_max_length=max_metadata_bytes,
-                               targets_max_length=max_metadata_bytes)
         with tuf_errors_converted("loading the trusted root"):
-            self._updater = Updater(str(self._metadata_dir), f"{self.url}/metadata/", None,
-                                    f"{self.url}/targets/", fetcher=TufFetcher(fetcher, staging), config=config,
-                                    bootstrap=root)
+            return Updater(str(self._metadata_dir), f"{self.url}/metadata/", None, f"{self.url}/targets/",
+                           fetcher=self._fetcher, config=self._config, bootstrap=root)
 
     def refresh(self) -> None:
         """Update root (following rotations), timestamp, snapshot and targets, in that order.
+
+        Fast-forward recovery (TUF specification 5.3.11): when the new root rotated the snapshot or
+        timestamp keys, the trusted snapshot and timestamp are deleted, so a version number that a
+        leaked key pushed up stops counting. ngclient does this by itself only where the old files no
+        longer verify (a rotated timestamp key); a trusted timestamp that still verifies can keep
+        referring to a fast-forwarded snapshot, so the rule is applied here, once, on a rollback error.
 
         Raises:
             IncompatibleError: metadata expired (a freeze). RollbackError: a role's version went
@@ -210,8 +221,28 @@ class TufRepository:
             IntegrityError: metadata does not match what snapshot/timestamp declare.
             FetchError: the repository cannot be read.
         """
-        with tuf_errors_converted("refreshing the metadata"):
-            self._updater.refresh()
+        before = self._freshness_keys()
+        try:
+            with tuf_errors_converted("refreshing the metadata"):
+                self._updater.refresh()
+        except RollbackError:
+            if self._freshness_keys() == before:
+                raise
+            _log.warning("TUF: the snapshot/timestamp keys were rotated; dropping the trusted snapshot and "
+                         "timestamp (fast-forward recovery)")
+            for role in ("timestamp", "snapshot"):
+                (self._metadata_dir / f"{role}.json").unlink(missing_ok=True)
+            self._updater = self._new_updater()
+            with tuf_errors_converted("refreshing the metadata"):
+                self._updater.refresh()
+
+    def _freshness_keys(self) -> dict[str, list[str]]:
+        """The snapshot and timestamp key ids of the trusted root (as ngclient persisted it)."""
+        try:
+            roles = json.loads((self._metadata_dir / "root.json").read_bytes())["signed"]["roles"]
+            return {role: sorted(roles[role]["keyids"]) for role in ("snapshot", "timestamp")}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
 
     def model(self, name: str) -> ModelTarget | None:
         """What the repository offers for ``name`` (delegations walked), None when nothing.
