@@ -8,6 +8,8 @@ bundle is downloaded past the metadata, and the old model keeps serving.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -308,7 +310,6 @@ def test_a_leaked_publisher_key_is_revoked_over_the_air_and_the_pinned_floor_rec
 def test_fleet_update_names_a_tuf_target_and_a_bare_url_is_refused_on_a_tuf_device(
         tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
     import json
-    import time
 
     from edge_runtime.commands.handlers import DeviceCommands
     from edge_runtime.commands.parse import Command
@@ -360,3 +361,33 @@ def test_a_fast_forwarded_snapshot_is_recovered_after_the_snapshot_key_is_rotate
     repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
     repo.publish()
     assert [r.version for r in device.ota.poll_once()] == [3]
+
+
+def test_the_daemon_polls_its_tuf_repository_and_reports_a_refused_repository(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
+    from cli_helpers import cli
+    from daemon_helpers import Serve, wait_for, write_config
+
+    trust = tmp_path / "device-trust"
+    shutil.copytree(keys["trust_dir"], trust)
+    (trust / "root.json").write_bytes(repo.bootstrap_root())
+    repo.publish()
+    extra = (f'[ota]\nrepository_url = "{repo.url}"\nallow_http = true\npoll_seconds = 0.3\nretries = 0\n'
+             "[activation]\nprobation_inferences = 0\nprobation_seconds = 0.0\n")
+    config, state, port = write_config(tmp_path / "device", trust, extra=extra)
+    cli("models", "install", _bundle(tmp_path, keys, zoo, 1), "--config", config)
+    serve = Serve(config, state, port).start()
+    try:
+        serve.wait_ready(60)
+        repo.add_bundle(_bundle(tmp_path, keys, zoo, 2))
+        repo.publish()
+        wait_for(lambda: serve.served_version() == 2, 60, "the daemon to install v2 from the repository")
+        repo.publish(timestamp_expires=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+        event = wait_for(lambda: [e for e in serve.events("update_failed") if "expired" in e["reason"]], 30,
+                         "the refused repository to be reported")[0]
+        assert "update metadata refused" in event["reason"]
+        assert serve.served_version() == 2
+        time.sleep(1.0)  # several more polls: still one event for the same refusal
+        assert len([e for e in serve.events("update_failed") if "expired" in e["reason"]]) == 1
+    finally:
+        assert serve.terminate() == 0

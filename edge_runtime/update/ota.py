@@ -141,11 +141,17 @@ class OtaUpdater:
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        refused = ""  # the last refusal reported: a repository stuck on one problem is one event, not one a poll
         while not self._stop.is_set():
             try:
                 self.poll_once()
+                refused = ""
             except EdgeRuntimeError as e:
                 _log.warning("OTA poll failed: %s", e.one_line())
+                if e.one_line() != refused and not isinstance(e, FetchError):
+                    # An attack or a stale repository (expired, rolled back, badly signed): the fleet should know.
+                    refused = e.one_line()
+                    self.events.emit("update_failed", reason=f"update metadata refused: {refused}")
             except Exception:  # keep polling: one bad cycle must not end updates for good
                 _log.exception("OTA poll crashed")
             self.progress.beat()
