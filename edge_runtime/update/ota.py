@@ -312,6 +312,9 @@ class OtaUpdater:
     def update_target(self, path: str) -> UpdateResult:
         """The fleet ``update {target}``: refresh the repository and install what it resolves for ``path``.
 
+        When that version already serves, nothing is downloaded and it reports success (a rollout is
+        idempotent).
+
         Raises:
             IncompatibleError: no repository configured, or the target needs another runtime/hardware.
             CacheError: the repository has no such target. RollbackError: it is not above the floor.
@@ -327,6 +330,8 @@ class OtaUpdater:
         target = repo.model(name)
         if target is None:
             raise CacheError(f"the TUF repository has no target {path}")
+        if target.version == cache.active_version(name):  # already done: a rollout may send it again
+            return UpdateResult(name, target.version, True)
         if target.version <= cache.floor(name):
             raise RollbackError(f"{path} is v{target.version}, not above the anti-rollback floor "
                                 f"v{cache.floor(name)}")
