@@ -126,7 +126,15 @@ def _unsigned_timestamp(repo: TufRepo, tmp: Path, make: Callable[[int], Path]) -
     repo.publish()
 
 
+def _root_replayed(repo: TufRepo, tmp: Path, make: Callable[[int], Path]) -> None:
+    repo.add_bundle(make(3))
+    repo.publish()
+    # The next root the device asks for is an older one (a rollback of the root role).
+    repo.server.routes["/metadata/2.root.json"] = Route(body=repo.root_history[0])
+
+
 ATTACKS = [
+    ("rollback of the root", _root_replayed, RollbackError, "version"),
     ("freeze: an expired timestamp", _freeze, IncompatibleError, "expired"),
     ("freeze: an expired snapshot", _snapshot_freeze, IncompatibleError, "expired"),
     ("custom names another model", _wrong_model_in_custom, ManifestError, "custom says model 'other'"),
