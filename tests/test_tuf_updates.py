@@ -210,24 +210,27 @@ def test_mix_and_match_a_signed_target_holding_another_version_is_refused_before
     assert device.version() == 1 and device.store.cache.floor("ppocr-cls") == 1
 
 
-def test_fast_forward_is_recovered_after_the_timestamp_key_is_rotated(
-        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
+@pytest.mark.parametrize("role", ["timestamp", "snapshot"])
+def test_fast_forward_is_recovered_after_the_key_is_rotated(
+        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo, role: str) -> None:
     repo.publish()
     device = _device(tmp_path, keys, zoo, repo)
     device.ota.poll_once()
-    # The timestamp key leaks: the attacker signs timestamp version 2^40. The device accepts it
-    # (its signature is valid), and from then on every legitimate timestamp looks like a rollback.
-    legit = repo.timestamp.signed.version
-    repo.timestamp.signed.version = 2**40
-    repo.publish(bump=())
+    # The role's key leaks (for the snapshot, the online timestamp service signs what it is handed):
+    # the attacker signs version 2^40. The device accepts it (its signature is valid), and from then
+    # on every legitimate version looks like a rollback.
+    md = repo.timestamp if role == "timestamp" else repo.snapshot
+    legit = md.signed.version
+    md.signed.version = 2**40
+    repo.publish(bump=() if role == "timestamp" else ("timestamp",))
     device.ota.poll_once()
-    repo.timestamp.signed.version = legit
+    md.signed.version = legit
     repo.publish()
     with pytest.raises(RollbackError):
         device.ota.poll_once()
-    # Recovery, over the air: a new root rotates the timestamp key; the client then drops the
-    # fast-forwarded timestamp (it no longer verifies) and takes the legitimate one.
-    repo.rotate("timestamp")
+    # Recovery, over the air: a new root rotates that role's key, and the device drops the
+    # fast-forwarded metadata (TUF specification 5.3.11) and takes the legitimate one.
+    repo.rotate(role)
     repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
     repo.publish()
     assert [r.version for r in device.ota.poll_once()] == [3]
@@ -349,26 +352,6 @@ def test_fleet_update_names_a_tuf_target_and_a_bare_url_is_refused_on_a_tuf_devi
     with pytest.raises(CommandError, match="hashes are signed"):
         update({"target": "models/ppocr-cls.bundle", "sha256": "0" * 64})
     assert _downloads(server) == [next(p for p in _downloads(server))]  # only the one install downloaded
-
-
-def test_a_fast_forwarded_snapshot_is_recovered_after_the_snapshot_key_is_rotated(
-        tmp_path: Path, keys: dict[str, Path], zoo: Zoo, server: FaultServer, repo: TufRepo) -> None:
-    repo.publish()
-    device = _device(tmp_path, keys, zoo, repo)
-    device.ota.poll_once()
-    # The snapshot key leaks (and the online timestamp service signs what it is handed): snapshot 2^40.
-    legit = repo.snapshot.signed.version
-    repo.snapshot.signed.version = 2**40
-    repo.publish(bump=("timestamp",))
-    device.ota.poll_once()
-    repo.snapshot.signed.version = legit
-    repo.publish()
-    with pytest.raises(RollbackError):
-        device.ota.poll_once()
-    repo.rotate("snapshot")
-    repo.add_bundle(_bundle(tmp_path, keys, zoo, 3))
-    repo.publish()
-    assert [r.version for r in device.ota.poll_once()] == [3]
 
 
 def test_the_daemon_polls_its_tuf_repository_and_reports_a_refused_repository(

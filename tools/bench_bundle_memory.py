@@ -25,19 +25,6 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _make_model(path: Path, mb: int) -> None:
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    n = mb * (1 << 20) // 4
-    weight = numpy_helper.from_array(np.ones(n, np.float32), "w")
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    path.write_bytes(model.SerializeToString())
-
-
 def _child(op: str, work: Path) -> dict[str, float]:
     bare = _peak_mb()
     from edge_runtime._util.fsutil import remove_tree
@@ -81,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                        f"import bench_bundle_memory as b; from pathlib import Path; "
-                        f"b._make_model(Path({str(work / 'big.onnx')!r}), {args.mb})"], check=True)
+                        f"import ppocr_bench_kit as k; from pathlib import Path; "
+                        f"k.write_big_onnx(Path({str(work / 'big.onnx')!r}), {args.mb})"], check=True)
         generate_keypair(work / "key")
         (work / "trust").mkdir()
         (work / "trust" / "key.pub").write_bytes((work / "key.pub").read_bytes())

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ppocr_bench_kit import write_big_onnx
+
 from edge_runtime.bundle.manifest import TensorSpec
 from edge_runtime.bundle.reverify import Trust, read_verified_manifest
 from edge_runtime.bundle.signing import generate_keypair, load_private_key, load_trusted_keys
@@ -50,16 +52,7 @@ def _median_ms(fn: Callable[[], object], repeat: int) -> float:
 
 
 def _synthetic_model(path: Path, mb: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    n = mb * (1 << 20) // 4
-    weight = numpy_helper.from_array(np.ones(n, np.float32), "w")
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    path.write_bytes(model.SerializeToString())
+    n = write_big_onnx(path, mb)
     return (TensorSpec("x", (n,), "float32"),), (TensorSpec("y", (n,), "float32"),)
 
 

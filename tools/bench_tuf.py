@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
-import http.server
-import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from ppocr_bench_kit import http_folder
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
@@ -68,17 +65,6 @@ def build(directory: Path, models: int) -> None:
     write(Metadata(timestamp), "timestamp", "timestamp.json")
 
 
-def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -87,40 +73,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(work / "repo", args.models)
-        server, url = serve(work / "repo")
-        root = (work / "repo" / "metadata" / "1.root.json").read_bytes()
-        (work / "bootstrap.json").write_bytes(root)
-        fetcher = HttpFetcher.from_config(OtaConfig(allow_http=True, retries=0))
-        staging = work / "staging"
-        staging.mkdir()
-        bare_dir = work / "bare"
-        bare_dir.mkdir()
-
-        def bare() -> None:
-            updater = Updater(str(bare_dir), f"{url}/metadata/", None, f"{url}/targets/", bootstrap=root)
-            updater.refresh()
-            assert updater.get_targetinfo("models/m0.bundle") is not None
-
-        def ours() -> None:
-            repo = TufRepository(url, work / "bootstrap.json", work / "state", fetcher, staging)
-            repo.refresh()
-            assert repo.model("m0") is not None
-
-        samples: dict[str, list[float]] = {"bare": [], "ours": []}
-        for call in (bare, ours):
-            call()  # first poll: downloads everything; later polls: only the timestamp
-        for _ in range(args.runs):
-            for name, call in (("bare", bare), ("ours", ours)):
-                t0 = time.perf_counter()
-                call()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-        server.shutdown()
-        shutil.rmtree(work / "state", ignore_errors=True)
+        with http_folder(work / "repo") as url:
+            samples = measure(work, url, args.runs)
     b, o = statistics.median(samples["bare"]), statistics.median(samples["ours"])
     print(f"TUF poll over loopback HTTP, {args.models} model targets, {args.runs} alternating runs (median ms)")
     print(f"{'bare ngclient (urllib3)':28} {b:8.2f}")
     print(f"{'edge-runtime TufRepository':28} {o:8.2f}")
     print(f"ratio ours/bare {o / b:.2f}")
+
+
+def measure(work: Path, url: str, runs: int) -> dict[str, list[float]]:
+    """Poll times (ms) of bare ngclient and of ours, alternating, after one first poll each."""
+    root = (work / "repo" / "metadata" / "1.root.json").read_bytes()
+    (work / "bootstrap.json").write_bytes(root)
+    fetcher = HttpFetcher.from_config(OtaConfig(allow_http=True, retries=0))
+    staging = work / "staging"
+    staging.mkdir()
+    bare_dir = work / "bare"
+    bare_dir.mkdir()
+
+    def bare() -> None:
+        updater = Updater(str(bare_dir), f"{url}/metadata/", None, f"{url}/targets/", bootstrap=root)
+        updater.refresh()
+        assert updater.get_targetinfo("models/m0.bundle") is not None
+
+    def ours() -> None:
+        repo = TufRepository(url, work / "bootstrap.json", work / "state", fetcher, staging)
+        repo.refresh()
+        assert repo.model("m0") is not None
+
+    samples: dict[str, list[float]] = {"bare": [], "ours": []}
+    for call in (bare, ours):
+        call()  # the first poll downloads everything; later ones only what changed (the timestamp)
+    for _ in range(runs):
+        for name, call in (("bare", bare), ("ours", ours)):
+            t0 = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
 
 
 if __name__ == "__main__":

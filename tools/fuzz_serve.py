@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import http.client
 import http.server
 import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +53,7 @@ from fuzz_mutants import (
     real_inputs,
 )
 from make_channel import publish
-from ppocr_bench_kit import free_port
+from ppocr_bench_kit import free_port, http_folder
 
 from edge_runtime.bundle.manifest import Gates
 from edge_runtime.bundle.signing import generate_keypair
@@ -67,24 +64,6 @@ from edge_runtime.telemetry.events import read_events
 __all__ = ["OtaFuzz", "run_serve_fuzz"]
 
 _END = ("update_failed", "activated")
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def http_folder(root: Path) -> Iterator[str]:
-    """Serve ``root`` on a loopback port; yields the base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass

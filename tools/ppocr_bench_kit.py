@@ -6,11 +6,16 @@ Imported by scripts run as ``python tools/<script>.py`` (tools/ is then on sys.p
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import socket
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.bundle.manifest import Gates, Postprocess, Preprocess, TensorSpec
 from edge_runtime.bundle.signing import generate_keypair, load_private_key
@@ -20,7 +25,8 @@ from edge_runtime.config.model import Config
 from edge_runtime.devtools.model_zoo import fetch
 from edge_runtime.update.store import ModelStore
 
-__all__ = ["PPOCR_IO", "free_port", "install_ppocr_classifier", "make_publisher", "median_us", "pack_ppocr"]
+__all__ = ["PPOCR_IO", "free_port", "http_folder", "install_ppocr_classifier", "make_publisher", "median_us",
+           "pack_ppocr", "write_big_onnx"]
 
 PPOCR_IO = ((TensorSpec("x", (None, 3, None, None), "float32", "NCHW"),),
             (TensorSpec("save_infer_model/scale_0.tmp_1", (None, 2), "float32"),))
@@ -36,6 +42,39 @@ def median_us(call: Callable[[], object], runs: int) -> float:
         call()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_folder(root: Path) -> Iterator[str]:
+    """Serve the files under ``root`` on a loopback port (a static OTA channel or TUF repository); yields the URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_big_onnx(path: Path, mb: int) -> int:
+    """An ONNX model ``y = x + w`` whose weight is ``mb`` MiB (onnx imported here); returns the tensor length."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = mb * (1 << 20) // 4
+    weight = numpy_helper.from_array(np.ones(n, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    path.write_bytes(model.SerializeToString())
+    return n
 
 
 def free_port() -> int:

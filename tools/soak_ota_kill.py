@@ -20,8 +20,6 @@ or the script exits 1).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import http.client
 import http.server
 import json
@@ -30,13 +28,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from ppocr_bench_kit import free_port, make_publisher, pack_ppocr
+from ppocr_bench_kit import free_port, http_folder, make_publisher, pack_ppocr
 
 from edge_runtime.bundle.manifest import Gates
 from edge_runtime.cache.versions import ModelCache
@@ -45,24 +42,6 @@ TOOLS = Path(__file__).resolve().parent
 _X = np.zeros((1, 3, 48, 192), np.float32)
 _BODY = json.dumps({"inputs": [{"name": "x", "shape": list(_X.shape), "datatype": "FP32",
                                 "data": _X.ravel().tolist()}]}).encode()
-
-
-@contextlib.contextmanager
-def _http_server(root: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep the soak's output to its table: no line per request."""
 
 
 def _served_version(port: int) -> int | None:
@@ -101,7 +80,7 @@ def soak(cycles: int, max_delay: float, seed: int, work: Path) -> dict[str, floa
                           Gates(latency_ms_p95=5000.0))
 
     (work / "www").mkdir()
-    with _http_server(work / "www") as base:
+    with http_folder(work / "www") as base:
         config = work / "config.toml"
         config.write_text(f'state_dir = "{state}"\ntrust_dir = "{trust}"\n'
                           f'[api]\nlisten = "127.0.0.1:{port}"\n'
