@@ -11,7 +11,7 @@ from typing import Any
 from edge_runtime._util.fsutil import CappedReadError, atomic_write, read_capped
 from edge_runtime.cli.common import Context, emit, verb_parser
 from edge_runtime.devtools.draw import drawable, mask_bytes, save_picture
-from edge_runtime.errors import CacheError, EdgeRuntimeError, InputError, UsageError
+from edge_runtime.errors import EdgeRuntimeError, InputError, UsageError
 from edge_runtime.runtime.loaded_model import LoadedModel
 from edge_runtime.runtime.preprocess import decode_image, is_npy
 
@@ -24,7 +24,7 @@ def _pick_model(ctx: Context, name: str | None) -> str:
     names = [n for n in ctx.store.cache.names() if ctx.store.cache.active_version(n) is not None]
     if len(names) != 1:
         listed = ", ".join(names) or "none"
-        raise CacheError(f"{len(names)} models are active ({listed}); choose one with --model")
+        raise UsageError(f"{len(names)} models are active ({listed}); choose one with --model")
     return names[0]
 
 
