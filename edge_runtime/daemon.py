@@ -30,7 +30,6 @@ from edge_runtime.config.model import Config, PipelineConfig
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.liveness import Component, Liveness
 from edge_runtime.monitoring.monitor import Monitor
-from edge_runtime.monitoring.shadow import ShadowPlan
 from edge_runtime.pipelines.pipeline import Pipeline, SourceFactory
 from edge_runtime.pipelines.sources.base import MqttInputs, Source
 from edge_runtime.pipelines.sources.factory import build_source
@@ -215,10 +214,8 @@ class Daemon:
         shadow = self.config.monitoring.shadow
         if self.monitor is None or not shadow.model:
             return
-        plan = ShadowPlan(shadow.model, shadow.version, shadow.share, shadow.queue, shadow.promote_after,
-                          shadow.min_agreement)
         try:
-            self.monitor.start_shadow(plan)
+            self.monitor.start_shadow(shadow)  # the config section is the plan
         except EdgeRuntimeError as e:
             _log.error("cannot start the configured shadow of %s v%s: %s", shadow.model, shadow.version,
                        e.one_line())

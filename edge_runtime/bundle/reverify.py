@@ -56,18 +56,22 @@ class Trust:
         except ManifestError as e:
             raise ConfigError(f"{self.delivered}: {e.one_line()}") from e
 
-    def keys(self) -> dict[str, Ed25519PublicKey]:
-        """The publisher keys trusted now: the delivered ones, else those in the trust dir.
+    def current(self) -> PublisherKeys:
+        """The publisher keys trusted now and how many must have signed, read once (so both come from
+        the same document): the delivered ones, else the trust dir's with ``threshold``.
 
         Raises ConfigError: the trust dir is missing or holds an invalid key, or the delivered document is bad.
         """
         delivered = self._delivered()
-        return delivered.keys if delivered is not None else load_trusted_keys(self.trust_dir)
+        return delivered if delivered is not None else PublisherKeys(load_trusted_keys(self.trust_dir), self.threshold)
+
+    def keys(self) -> dict[str, Ed25519PublicKey]:
+        """The keys of :meth:`current`. Raises ConfigError like it."""
+        return self.current().keys
 
     def required(self) -> int:
-        """How many of :meth:`keys` must have signed. Raises ConfigError like :meth:`keys`."""
-        delivered = self._delivered()
-        return delivered.threshold if delivered is not None else self.threshold
+        """The threshold of :meth:`current`. Raises ConfigError like it."""
+        return self.current().threshold
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,10 @@ def read_verified_manifest(directory: Path, name: str, version: int, *, trust: T
 def _check_signature(directory: Path, name: str, version: int, manifest_bytes: bytes, trust: Trust,
                      max_signature_bytes: int) -> tuple[str, ...]:
     what = f"{name} v{version} manifest signature"
-    threshold = trust.required()
+    trusted = trust.current()  # before reading the sig: a broken trust dir is a config error, not this version's
+    keys, threshold = trusted.keys, trusted.threshold
     if threshold < 1:
         raise SignatureError(f"signature threshold must be at least 1, got {threshold}")
-    keys = trust.keys()  # before reading the sig: a broken trust dir is a config error, not this version's
     sig_path = directory / "manifest.sig"
     try:
         signature = read_capped(sig_path, max_signature_bytes)

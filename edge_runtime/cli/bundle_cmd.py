@@ -29,6 +29,7 @@ from edge_runtime.runtime.postprocess import parse_labels
 __all__ = ["SpecFile", "load_spec", "register"]
 
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
+_REFERENCE = "reference.json"
 
 
 def _introspect(fmt: str, model: Path, layout: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -152,14 +153,14 @@ def _golden(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _inspect(ctx: Context, args: argparse.Namespace) -> int:
-    info = inspect_bundle(args.bundle, ctx.config.limits)
+    # One pass over the bundle: the packer names a JSON drift reference "reference.json".
+    info = inspect_bundle(args.bundle, ctx.config.limits, member=_REFERENCE, member_cap=MAX_REFERENCE_BYTES)
     manifest = load_json(info.manifest_bytes, "manifest", error=ManifestError)  # strict: shown as the device reads it
     doc = {"manifest": manifest, "signer_key_ids": list(info.signer_key_ids), "size": info.size, "verified": False}
     text = json.dumps(doc["manifest"], indent=1, sort_keys=True)
     reference = manifest.get("reference") if isinstance(manifest, dict) else None
     if isinstance(reference, str) and reference.endswith(".json"):
-        found = inspect_bundle(args.bundle, ctx.config.limits, member=reference,
-                               member_cap=MAX_REFERENCE_BYTES).member
+        found = info.member if reference == _REFERENCE else None
         if found is None:
             raise ManifestError(f"the manifest names {reference!r} but the bundle has no such file within the cap")
         doc["reference"] = parse_reference(found).summary()

@@ -29,12 +29,12 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_runtime.config.monitoring import ShadowConfig
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.runtime.heads.nms import count_matches
 from edge_runtime.runtime.loaded_model import LoadedModel, Prediction
@@ -48,16 +48,8 @@ Source = bytes | NDArray[Any]
 _LATENCIES = 1024
 
 
-@dataclass(frozen=True)
-class ShadowPlan:
-    """What to shadow and when to stop."""
-
-    model: str
-    version: int
-    share: float
-    queue: int = 4
-    promote_after: int = 0
-    min_agreement: float = 0.95
+ShadowPlan = ShadowConfig
+"""What to shadow and when to stop: the ``[monitoring.shadow]`` settings, also built by the fleet ``shadow`` verb."""
 
 
 def compare(active: Prediction, shadow: Prediction) -> tuple[float, float]:

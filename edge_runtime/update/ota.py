@@ -174,8 +174,8 @@ class OtaUpdater:
         data = self.fetcher.fetch_bytes(url, cap)
         signature = self.fetcher.fetch_bytes(url + ".sig", cap)  # detached, like manifest.sig
         cache = self.store.cache
-        channel = parse_channel(data, signature, trusted=self.store.trusted_keys(),
-                                threshold=self.store.threshold(), now=self.now(),
+        trusted = self.store.trust.current()
+        channel = parse_channel(data, signature, trusted=trusted.keys, threshold=trusted.threshold, now=self.now(),
                                 min_sequence=cache.state.load().channel_sequence, base_url=url)
         cache.state.update(
             lambda s: dataclasses.replace(s, channel_sequence=max(s.channel_sequence, channel.sequence)))
@@ -335,8 +335,7 @@ class OtaUpdater:
         if target.version <= cache.floor(name):
             raise RollbackError(f"{path} is v{target.version}, not above the anti-rollback floor "
                                 f"v{cache.floor(name)}")
-        check_runtime_and_hardware(f"TUF target {path} v{target.version}", target.runtime, target.hardware,
-                                   device_tags=self.store.device_tags(), runtime_version=__version__)
+        self._check_compatible(target)
         return self._apply(f"{self.config.repository_url}|{path}|{target.sha256}",
                            f"TUF target {path} v{target.version}", target.length,
                            partial(_download_target, repo, target), (name, target.version),
@@ -371,10 +370,11 @@ class OtaUpdater:
         except EdgeRuntimeError as e:
             self.events.emit("update_failed", reason=f"publisher keys from the repository refused: {e.one_line()}")
             return
-        keys = self.store.trusted_keys()
-        self.events.emit("trust_updated", reason=f"publisher keys {', '.join(k[:16] for k in sorted(keys))} "
-                                                 f"(threshold {self.store.threshold()}) from TUF target {KEYS_TARGET}",
-                         key_ids=sorted(keys), threshold=self.store.threshold())
+        trusted = self.store.trust.current()
+        key_ids = sorted(trusted.keys)
+        self.events.emit("trust_updated", reason=f"publisher keys {', '.join(k[:16] for k in key_ids)} "
+                                                 f"(threshold {trusted.threshold}) from TUF target {KEYS_TARGET}",
+                         key_ids=key_ids, threshold=trusted.threshold)
         sweep_revoked(self.store, self.activator, self.events)
 
     def _wanted(self, target: ModelTarget) -> bool:
@@ -390,10 +390,14 @@ class OtaUpdater:
         if refused:
             _log.info("skipping update: %s", refused)
             return False
+        self._check_compatible(target)
+        return True
+
+    def _check_compatible(self, target: ModelTarget) -> None:
+        """Raises IncompatibleError / ManifestError: the target's ``custom`` requirements are not met here."""
         check_runtime_and_hardware(f"TUF target {target.info.path} v{target.version}", target.runtime,
                                    target.hardware, device_tags=self.store.device_tags(),
                                    runtime_version=__version__)
-        return True
 
 
 def _download_target(repo: TufRepository, target: ModelTarget, dest: Path) -> None:

@@ -134,7 +134,8 @@ class ModelStore:
                                     f"channel signed it as {expect[0]} v{expect[1]} (mix-and-match refused)")
             self.accept(manifest)
 
-        return read_bundle(bundle, trusted=self.trusted_keys(), threshold=self.threshold(),
+        trusted = self.trust.current()
+        return read_bundle(bundle, trusted=trusted.keys, threshold=trusted.threshold,
                            limits=self.config.limits, staging_root=self.cache.staging_root(),
                            accept=accept)
 

@@ -66,9 +66,7 @@ def sweep_revoked(store: ModelStore, activator: Activator | None, events: EventB
                     cache.rollback(name, good[-1])
             except EdgeRuntimeError as e:
                 _log.error("cannot move %s off revoked v%s: %s", name, active, e.one_line())
-        floor = cache.floor(name)
-        for version in bad:
-            floor = cache.remove_revoked(name, version)
+        floor = min(cache.remove_revoked(name, version) for version in bad)  # the last removal's is the lowest
         removed[name] = bad
         events.emit("versions_revoked", model=name, version=cache.active_version(name),
                     reason=f"{', '.join(f'v{v}' for v in bad)} signed only by revoked keys: removed; "

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from edge_runtime._util.fsutil import CappedReadError, make_private_dir, read_capped
+from edge_runtime._util.fsutil import CHUNK, CLOEXEC, NOFOLLOW, CappedReadError, make_private_dir, read_stream_capped
 from edge_runtime._util.retry_policy import redact_url
 from edge_runtime.bundle.staging_owner import owner_tag
 from edge_runtime.errors import (
@@ -114,22 +115,41 @@ class DirectoryFetcher:
             raise FetchError(f"{url}: not a file of the repository {self.root}", status=404)
         return path
 
-    def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
+    @contextlib.contextmanager
+    def _open(self, url: str) -> Iterator[IO[bytes]]:
+        """The file at ``url`` opened without following a final symlink (a FIFO reads as empty)."""
         path = self._path(url)
         try:
-            return read_capped(path, max_bytes)
-        except CappedReadError as e:
-            raise SizeLimitError(f"{path}: over the {max_bytes}-byte cap") from e
+            fd = os.open(path, os.O_RDONLY | CLOEXEC | os.O_NONBLOCK | NOFOLLOW)
         except FileNotFoundError as e:
             raise FetchError(f"{path}: not in the repository", status=404) from e
         except OSError as e:
             raise FetchError(f"{path}: unreadable ({e.strerror or e})") from e
+        with os.fdopen(fd, "rb") as fh:
+            yield fh
+
+    def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
+        with self._open(url) as fh:
+            try:
+                return read_stream_capped(fh, max_bytes, url)
+            except CappedReadError as e:
+                raise SizeLimitError(f"{url}: over the {max_bytes}-byte cap") from e
+            except OSError as e:
+                raise FetchError(f"{url}: unreadable ({e.strerror or e})") from e
 
     def fetch_to_file(self, url: str, dest: Path, *, max_bytes: int, expected_size: int | None = None,
                       expected_sha256: str | None = None) -> None:
-        data = self.fetch_bytes(url, max_bytes)  # targets here are bundles within the bundle cap
-        with open(dest, "wb") as fh:
-            fh.write(data)
+        # Copied in chunks: a bundle may be hundreds of MB, more than a Pi should hold in memory.
+        copied = 0
+        with self._open(url) as src, open(dest, "wb") as out:
+            try:
+                while chunk := src.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise SizeLimitError(f"{url}: over the {max_bytes}-byte cap")
+                    out.write(chunk)
+            except OSError as e:
+                raise FetchError(f"{url}: unreadable ({e.strerror or e})") from e
 
 
 class TufFetcher(FetcherInterface):
