@@ -94,7 +94,8 @@ class Monitor:
         shadow = self._shadows.get(name)
         if shadow is not None:
             if shadow.plan.version == model.version:
-                self.stop_shadow(name, f"v{model.version} is now the active version")
+                # On the inferring thread: never wait here for the candidate's inference in flight.
+                self.stop_shadow(name, f"v{model.version} is now the active version", wait=0.0)
             else:
                 shadow.offer(source, prediction)
 
@@ -156,13 +157,16 @@ class Monitor:
         run.start()
         return run.figures()
 
-    def stop_shadow(self, model: str, reason: str = "stopped") -> dict[str, Any] | None:
-        """End the shadow run of ``model``; its figures, or None when there was none."""
+    def stop_shadow(self, model: str, reason: str = "stopped", *, wait: float = 5.0) -> dict[str, Any] | None:
+        """End the shadow run of ``model``, waiting up to ``wait`` s for its worker; its figures, or None.
+
+        The worker closes the candidate itself when it ends, so not waiting loses nothing.
+        """
         with self._lock:
             run = self._shadows.pop(model, None)
         if run is None:
             return None
-        run.stop(reason)
+        run.stop(reason, timeout=wait)
         return run.figures()
 
     def close(self) -> None:
