@@ -70,8 +70,10 @@ class Trust:
         return self.current().keys
 
     def required(self) -> int:
-        """The threshold of :meth:`current`. Raises ConfigError like it."""
-        return self.current().threshold
+        """The threshold of :meth:`current`, without reading the trust dir's keys (a CLI without a trust
+        dir still gets it). Raises ConfigError: the delivered document is bad."""
+        delivered = self._delivered()
+        return delivered.threshold if delivered is not None else self.threshold
 
 
 @dataclass(frozen=True)

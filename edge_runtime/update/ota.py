@@ -299,7 +299,7 @@ class OtaUpdater:
             where = f"TUF target {target.info.path} v{target.version}"
             try:
                 results.append(self._apply(f"{self.config.repository_url}|{target.info.path}|{target.sha256}",
-                                           where, target.length, partial(_download_target, repo, target),
+                                           where, target.length, partial(repo.download, target),
                                            (name, target.version), expect=(name, target.version)))
             except EdgeRuntimeError as e:
                 if not raise_failures:
@@ -338,7 +338,7 @@ class OtaUpdater:
         self._check_compatible(target)
         return self._apply(f"{self.config.repository_url}|{path}|{target.sha256}",
                            f"TUF target {path} v{target.version}", target.length,
-                           partial(_download_target, repo, target), (name, target.version),
+                           partial(repo.download, target), (name, target.version),
                            expect=(name, target.version))
 
     def _open_repository(self) -> TufRepository:
@@ -398,7 +398,3 @@ class OtaUpdater:
         check_runtime_and_hardware(f"TUF target {target.info.path} v{target.version}", target.runtime,
                                    target.hardware, device_tags=self.store.device_tags(),
                                    runtime_version=__version__)
-
-
-def _download_target(repo: TufRepository, target: ModelTarget, dest: Path) -> None:
-    repo.download(target, dest)
